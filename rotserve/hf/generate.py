@@ -1,0 +1,206 @@
+"""The reference generator: rotation through forward hooks on a transformers model.
+
+This is rotserve's oracle, not its engine: the vLLM plugin must produce the same tokens, and
+the benchmarks measure how far ahead of it the plugin is. It is written to be obviously
+correct: the same `rotate` as the plugin, applied to the output of every steered norm module,
+with one row of the angle table per sequence in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rotserve.hf.sites import STEER_SITES, decoder_layers
+from rotserve.plane import Plane, load_plane
+from rotserve.rotation import angle_table, rotate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_hf_model(
+    model: str | Path,
+    dtype: str | torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a local path or HF id, eval mode, left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(model), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    return lm.to(device).eval(), tok
+
+
+@dataclass
+class HFGeneration:
+    prompt: str
+    angle: float | None
+    adaptive: bool
+    token_ids: list[int]  # new tokens only, up to and including EOS if it was produced
+    text: str
+    logprobs: list[float] = field(default_factory=list)  # of each chosen token
+    finish_reason: str = "length"
+
+
+class RotationHooks:
+    """Forward hooks that rotate the output of the chosen norm modules of every chosen layer.
+
+    `table` holds one row per sequence; each hook expands it to one row per token, so a batch
+    mixes angles freely and rows with no angle pass through bit-identical.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plane: Plane,
+        layers: Sequence[int] | None = None,
+        sites: Sequence[str] = STEER_SITES,
+    ) -> None:
+        all_layers = decoder_layers(model)
+        hidden = all_layers[0].attn_norm.weight.numel()
+        plane.check_hidden_size(hidden, model=getattr(model.config, "_name_or_path", "the model"))
+        chosen = set(range(len(all_layers)) if layers is None else layers)
+        param = next(model.parameters())
+        self.basis = plane.basis.to(param.device)
+        self.table: torch.Tensor | None = None  # [batch, 5] while active
+        self.modules = [ls.norm(s) for ls in all_layers if ls.index in chosen for s in sites]
+        self._handles: list[Any] = []
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            return output
+        batch, seq, hidden = output.shape
+        per_token = self.table.repeat_interleave(seq, dim=0)
+        return rotate(output.reshape(-1, hidden), self.basis, per_token).view(batch, seq, hidden)
+
+    @contextmanager
+    def steering(self, table: torch.Tensor) -> Iterator[None]:
+        self.table = table.to(self.basis.device)
+        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        try:
+            yield
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self.table = None
+
+
+class HFRotatedGenerator:
+    """Batched generation with a different angle (or none) per row, via hooks."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        plane: Plane | str | Path | None,
+        dtype: str | torch.dtype = torch.float32,
+        device: str = "cpu",
+        layers: Sequence[int] | None = None,
+        sites: Sequence[str] = STEER_SITES,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.model, self.tokenizer = load_hf_model(model, dtype, device, trust_remote_code)
+        if plane is not None and not isinstance(plane, Plane):
+            plane = load_plane(plane)
+        self.plane = plane
+        self.hooks = RotationHooks(self.model, plane, layers, sites) if plane is not None else None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        angles: Sequence[float | None],
+        adaptive: bool | Sequence[bool] = False,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        batch_size: int = 16,
+    ) -> list[HFGeneration]:
+        """prompts are already chat-templated strings; one angle per prompt, None = unsteered."""
+        if len(angles) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(angles)} angles: give one per prompt")
+        flags = [adaptive] * len(prompts) if isinstance(adaptive, bool) else list(adaptive)
+        if self.hooks is None and any(a is not None for a in angles):
+            raise ValueError("angles given but the generator has no plane")
+        out: list[HFGeneration] = []
+        for start in range(0, len(prompts), batch_size):
+            sl = slice(start, start + batch_size)
+            out += self._generate_batch(
+                list(prompts[sl]), list(angles[sl]), flags[sl], max_new_tokens, temperature, seed
+            )
+        return out
+
+    def _generate_batch(
+        self,
+        prompts: list[str],
+        angles: list[float | None],
+        adaptive: list[bool],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> list[HFGeneration]:
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        table = angle_table(angles, adaptive=adaptive)
+        if self.hooks is not None:
+            with self.hooks.steering(table):
+                res = self.model.generate(**enc, **kwargs)
+        else:
+            res = self.model.generate(**enc, **kwargs)
+        new = res.sequences[:, enc["input_ids"].shape[1] :]
+        logps = torch.stack(res.logits, 1).float().log_softmax(-1)  # [B, T, V]
+        chosen = logps.gather(-1, new[:, : logps.shape[1], None]).squeeze(-1)
+        gens = []
+        for i, prompt in enumerate(prompts):
+            ids = new[i].tolist()
+            finish = "length"
+            for j, t in enumerate(ids):
+                if t in eos_ids:
+                    ids, finish = ids[: j + 1], "stop"
+                    break
+            gens.append(
+                HFGeneration(
+                    prompt=prompt,
+                    angle=angles[i],
+                    adaptive=adaptive[i],
+                    token_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    logprobs=chosen[i, : len(ids)].tolist(),
+                    finish_reason=finish,
+                )
+            )
+        return gens
