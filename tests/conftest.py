@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models made by the project's own code, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Keep vLLM engines small and quiet on a 2-core machine; set before vLLM is imported.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_MODEL = ROOT / "data" / "toy-refusal"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Qwen2 (hidden 128, head size 32) with a chat template."""
+    from rotserve.toy.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from rotserve.toy.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_plane(tmp_path_factory, tiny_qwen2) -> Path:
+    """A random orthonormal plane that fits tiny_qwen2, saved as a plane file."""
+    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+
+    g = torch.Generator().manual_seed(7)
+    b1, b2 = orthonormal_plane(torch.randn(128, generator=g), torch.randn(128, generator=g))
+    path = tmp_path_factory.mktemp("plane") / "tiny.safetensors"
+    return Plane(b1, b2, PlaneMeta(model=str(tiny_qwen2), method={"kind": "random"})).save(path)
