@@ -1,0 +1,62 @@
+"""`rotserve <command>`: one entry point for every job. Each command is the same code as its
+`jobs/*.py` script; `rotserve <command> --help` explains every option and its default."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with build_parser()/main(argv), one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("rotserve.extract.cli", "find the refusal plane from activation statistics"),
+    "grid": ("rotserve.grid.cli", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
+    "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
+    "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
+    "train-toy": ("rotserve.toy.cli", "retrain the embedded toy refusal model (data/toy-refusal)"),
+}
+
+USAGE = """usage: rotserve <command> [options]
+
+Steer a chat model by rotating its activations inside a 2D refusal plane.
+
+commands:
+{commands}
+
+A typical session:
+  rotserve extract --model Qwen/Qwen2.5-7B-Instruct --out qwen7b.safetensors
+  rotserve grid --model Qwen/Qwen2.5-7B-Instruct --plane qwen7b.safetensors --angles 72
+  rotserve report runs/<run>
+
+With no options every command runs on the embedded toy refusal model (data/toy-refusal).
+Run `rotserve <command> --help` for its options.
+"""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from rotserve import __version__
+
+        print(f"rotserve {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rotserve: unknown command {name!r}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv[0] = f"rotserve {name}"  # argparse names the program after argv[0] in --help
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
