@@ -1,0 +1,219 @@
+"""`rotserve extract` / `python jobs/extract.py`: a thin argparse layer over extract_plane."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rotserve.extract import DEFAULT_MODEL, ExtractConfig, extract_plane
+from rotserve.extract.activations import POSITIONS
+from rotserve.extract.candidates import AUROC_TIE, SECOND_METHODS, SELECT_METHODS
+from rotserve.prompts import DEFAULT_PROMPTS
+
+DESCRIPTION = """\
+Choose the refusal direction b1 and the steering plane (b1, b2) from statistics of the model's
+activations. Only forward passes: no text is generated.
+
+Every layer gives two candidate sites, resid_mid (input of the pre-MLP norm) and resid_post
+(layer output): 2L candidates. At each site, in float32: normalise each prompt's activation,
+average per class, renormalise, r = mean_harmful - mean_harmless, d = r/||r||.
+With no arguments it runs on the toy refusal model shipped in data/toy-refusal with the prompt
+sets in data/prompts.
+"""
+
+EPILOG = f"""\
+--select (b1):
+  max_sim       the candidate with the highest mean cosine to all candidates (the reference)
+  max_norm      the candidate with the largest ||r||, excluding the final site
+  mean          the normalised mean of all candidates
+  separability  hold out --holdout of each class (seeded by --seed), compute the candidates on
+                the rest, project every held-out activation onto its site's candidate and
+                pick the site that separates harmful from harmless best: highest AUROC, ties
+                (within {AUROC_TIE:g}) broken by the larger Cohen's d. b1 is then that site's
+                candidate from all prompts. AUROC and Cohen's d are reported for every site
+                whatever --select is, as long as --holdout > 0.
+--second (b2):
+  pca           PC1 of the stack of candidates (PCA centres them), Gram-Schmidt against b1
+  random        a seeded random direction, Gram-Schmidt against b1 (control)
+  per-sample    every prompt at every window site is a candidate (its normalised activation
+                minus the other class's normalised mean); b1 is projected out of each and the
+                rows are streamed through sklearn IncrementalPCA (bounded memory; one extra
+                pass over the prompts); b2 = PC1
+  last-pcs      replaces the plane by that of the last two meaningful principal components of
+                the candidates (b1 = the direction of that plane closest to the --select
+                choice); an experiment: the reference reports it does not steer
+--random-b1 makes b1 random too (with b2 random): the full control.
+
+Output: OUT (.safetensors with b1, b2 and all metadata), and beside it
+OUT_STEM.candidates.json / .csv (every candidate: site, layer, ||r||, mean cosine, AUROC,
+Cohen's d, cosine with b1, chosen) and OUT_STEM.candidates.png (the evidence figure).
+"""
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    d = ExtractConfig()
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model id or local directory")
+    io.add_argument(
+        "--harmful",
+        default=str(DEFAULT_PROMPTS["harmful"]),
+        help="instructions the model should refuse (.jsonl/.json/.csv/.parquet/.txt)",
+    )
+    io.add_argument(
+        "--harmless",
+        default=str(DEFAULT_PROMPTS["harmless"]),
+        help="instructions the model should answer (same formats)",
+    )
+    io.add_argument(
+        "--column",
+        default=None,
+        help="instruction column of the prompt files (default: the first of instruction, goal, "
+        "prompt, ... found)",
+    )
+    io.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N prompts of each file (default: all)",
+    )
+    io.add_argument(
+        "--out", default=d.out, help="plane file to write; the table and figure go beside it"
+    )
+    io.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
+    io.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template file, for models whose tokenizer has none (default: the tokenizer's)",
+    )
+
+    m = p.add_argument_group("method")
+    m.add_argument(
+        "--select", choices=SELECT_METHODS, default=d.select, help="how b1 is chosen (see below)"
+    )
+    m.add_argument(
+        "--second",
+        choices=SECOND_METHODS,
+        default=None,
+        help="how b2 is chosen (default: pca; random with --random-b1)",
+    )
+    m.add_argument(
+        "--random-b1", action="store_true", help="random b1 and b2 (seeded): the full control"
+    )
+    m.add_argument(
+        "--layers",
+        default=None,
+        metavar="A:B",
+        help="restrict the candidates to these layers (python slice 'a:b' or list 'a,b,c'); "
+        "statistics are still reported for every site (default: all layers)",
+    )
+    m.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        default=d.positions,
+        help="'last': the last template token; 'post-instruction': the mean over the template "
+        "tokens after the instruction",
+    )
+    m.add_argument(
+        "--holdout",
+        type=float,
+        default=d.holdout,
+        help="fraction of each class held out for the separability statistics (0: none; "
+        "the plane itself uses all prompts)",
+    )
+    m.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the held-out split and of random directions",
+    )
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=d.device, help="torch device (cpu, cuda, cuda:1, ...)")
+    r.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=d.dtype,
+        help="model weights dtype (statistics are float32 whatever this is)",
+    )
+    r.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward pass")
+    r.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model repository's own Python code (off by default: it runs arbitrary code)",
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout; appends "(default: X)" unless the help already says it.
+
+    Flags (store_true) default to off and say so by being flags.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or isinstance(action, argparse._StoreTrueAction):
+            return text
+        if action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    return ExtractConfig(
+        model=args.model,
+        harmful=args.harmful,
+        harmless=args.harmless,
+        column=args.column,
+        limit=args.limit,
+        out=args.out,
+        select=args.select,
+        second=args.second or ("random" if args.random_b1 else "pca"),
+        random_b1=args.random_b1,
+        layers=args.layers,
+        positions=args.positions,
+        holdout=args.holdout,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        figure=not args.no_figure,
+        progress=not args.quiet,
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    from rotserve.extract.candidates import ExtractionError
+    from rotserve.hf.sites import UnsupportedArchitectureError
+    from rotserve.plane import PlaneError
+    from rotserve.prompts import ChatTemplateError, PromptFileError
+
+    try:
+        result = extract_plane(config_from_args(args))
+    except (
+        ExtractionError,
+        PromptFileError,
+        ChatTemplateError,
+        UnsupportedArchitectureError,
+        PlaneError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
