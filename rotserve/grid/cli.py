@@ -1,0 +1,360 @@
+"""`python jobs/grid.py` / `rotserve grid`: the angle × prompt grid from the command line.
+
+Every input is checked before Ray or vLLM start (rotserve.grid.config.resolve); errors exit
+with status 2 and one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rotserve.grid.config import (
+    DEFAULT_ANGLE_COUNT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_SHARD_SIZE,
+    DTYPES,
+    MODES,
+    PLANE_FILENAME,
+    GridConfig,
+    GridConfigError,
+    evenly_spaced,
+    parse_angle_count,
+    parse_angle_list,
+    parse_prompt_set,
+)
+from rotserve.prompts import DEFAULT_PROMPTS
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a GridConfigError into argparse's own error format (exit status 2, usage line)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except GridConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to help that does not already state it; skip None and flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, argparse.SUPPRESS) or isinstance(default, bool):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_prompts = " ".join(f"{k}={v}" for k, v in DEFAULT_PROMPTS.items())
+    p = argparse.ArgumentParser(
+        description=(
+            "Generate every prompt at every steering angle (plus an unsteered baseline) with "
+            "vLLM engines fanned out on Ray, write one Parquet row per (prompt, angle, sample) "
+            "to RUN_DIR/rows/, score refusals, and write a per-angle report with a polar plot. "
+            "Rerunning the same command resumes an interrupted run."
+        ),
+        formatter_class=DefaultsFormatter,
+    )
+    g = p.add_argument_group("what to generate")
+    g.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="HF model directory or hub id (default: the shipped toy refusal model, "
+        "data/toy-refusal)",
+    )
+    g.add_argument(
+        "--revision", default=None, help="hub revision (branch, tag or commit) of --model"
+    )
+    g.add_argument(
+        "--plane",
+        default=None,
+        help=f"steering plane .safetensors (default: MODEL/{PLANE_FILENAME}, the model's own)",
+    )
+    g.add_argument(
+        "--prompts",
+        action="append",
+        type=_arg(parse_prompt_set),
+        metavar="LABEL=FILE",
+        help=f"a prompt set (.jsonl/.json/.csv/.parquet/.txt); repeat for several; LABEL names the "
+        f"dataset column (default: {default_prompts})",
+    )
+    g.add_argument(
+        "--column",
+        default=None,
+        help="instruction column in the prompt files (default: auto-detect)",
+    )
+    angles = g.add_mutually_exclusive_group()
+    angles.add_argument(
+        "--angles",
+        type=_arg(parse_angle_count),
+        default=None,
+        metavar="N",
+        help=f"N angles evenly spaced from 0°, 360/N apart "
+        f"(default: {DEFAULT_ANGLE_COUNT}, i.e. every 10°)",
+    )
+    angles.add_argument(
+        "--angle-list",
+        type=_arg(parse_angle_list),
+        default=None,
+        metavar="DEG,DEG,...",
+        help="explicit angles in degrees, e.g. 0,90,180,270 (folded into [0, 360))",
+    )
+    g.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the unsteered rows (angle null); by default every prompt is also "
+        "generated once without steering",
+    )
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--mode",
+        choices=MODES,
+        default="plain",
+        help="rotation mask: plain rotates every token; adaptive only tokens with h·b1 > 0 (the "
+        "reference's evaluations, keeps outputs fluent); both runs the grid in each mode. "
+        "Plain by default: it shows the toy model's whole circle (harmless prompts refused "
+        "near 0° too)",
+    )
+    mode.add_argument(
+        "--adaptive",
+        dest="mode",
+        action="store_const",
+        const="adaptive",
+        help="same as --mode adaptive",
+    )
+    mode.add_argument(
+        "--no-adaptive",
+        dest="mode",
+        action="store_const",
+        const="plain",
+        help="same as --mode plain",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=_positive("--max-tokens"),
+        default=DEFAULT_MAX_TOKENS,
+        help="tokens generated per row (the reference evaluations use 512 on real models)",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy"
+    )
+    g.add_argument(
+        "--seed",
+        type=_non_negative("--seed"),
+        default=0,
+        help="sampling seed (per request; sample k uses seed+k)",
+    )
+    g.add_argument(
+        "--samples-per-prompt",
+        type=_positive("--samples-per-prompt"),
+        default=1,
+        help="rows per (prompt, angle); only useful with --temperature > 0",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="model dtype in vLLM (auto: bfloat16 on CPU)",
+    )
+
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run vLLM without torch.compile and CUDA graphs: the engine starts sooner but "
+        "generates slower; for short grids and debugging",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run directory (default: runs/grid-<run id>, the run id hashing every setting that "
+        "changes the rows, so the same command resumes the same directory)",
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if --out holds a different run, delete its rows, manifest and report first",
+    )
+    o.add_argument(
+        "--shard-size",
+        type=_positive("--shard-size"),
+        default=DEFAULT_SHARD_SIZE,
+        help="prompt × angle requests per generate call and per part file (the unit of resume)",
+    )
+    o.add_argument(
+        "--no-report", dest="report", action="store_false", help="skip the summary and plot"
+    )
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    r = p.add_argument_group("where to run")
+    r.add_argument(
+        "--engines",
+        type=_positive("--engines"),
+        default=None,
+        help="vLLM engines (one Ray actor each) (default: one per GPU in the cluster; on CPU, "
+        "one per --cpus-per-engine cores, leaving one core for the driver and Ray)",
+    )
+    r.add_argument(
+        "--gpus-per-engine",
+        type=_non_negative("--gpus-per-engine"),
+        default=None,
+        help="GPUs per engine; 0 = CPU engines (default: 1 if the Ray cluster has GPUs, else 0)",
+    )
+    r.add_argument(
+        "--cpus-per-engine",
+        type=_positive("--cpus-per-engine"),
+        default=1,
+        help="cores per CPU engine (pinned with VLLM_CPU_OMP_THREADS_BIND)",
+    )
+    r.add_argument(
+        "--tensor-parallel-size",
+        type=_positive("--tensor-parallel-size"),
+        default=None,
+        help="tensor parallel degree inside one engine (default: --gpus-per-engine)",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start a local cluster)",
+    )
+    r.add_argument(
+        "--max-engine-failures",
+        type=_non_negative("--max-engine-failures"),
+        default=3,
+        help="engine (actor) deaths to survive by re-queueing their shards on a fresh engine",
+    )
+    r.add_argument("--verbose", action="store_true", help="show Ray and vLLM logs")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GridConfig:
+    if args.angle_list is not None:
+        angles = args.angle_list
+    else:
+        angles = evenly_spaced(args.angles or DEFAULT_ANGLE_COUNT)
+    prompts = (
+        tuple(args.prompts)
+        if args.prompts
+        else tuple((k, str(v)) for k, v in DEFAULT_PROMPTS.items())
+    )
+    return GridConfig(
+        model=args.model,
+        revision=args.revision,
+        plane=args.plane,
+        prompts=prompts,
+        column=args.column,
+        angles=angles,
+        baseline=args.baseline,
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        samples_per_prompt=args.samples_per_prompt,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        shard_size=args.shard_size,
+        out=args.out,
+        overwrite=args.overwrite,
+        engines=args.engines,
+        gpus_per_engine=args.gpus_per_engine,
+        cpus_per_engine=args.cpus_per_engine,
+        tensor_parallel_size=args.tensor_parallel_size,
+        ray_address=args.ray_address,
+        max_engine_failures=args.max_engine_failures,
+        report=args.report,
+        progress=args.progress,
+        verbose=args.verbose,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rotserve.grid import GridRunError, run_grid
+
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    config = config_from_args(args)
+    try:
+        result = run_grid(config, argv=["grid", *raw])
+    except GridConfigError as e:
+        print(f"grid: error: {e}", file=sys.stderr)
+        return 2
+    except GridRunError as e:
+        print(
+            f"grid: failed: {e}\nfinished shards are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("\ngrid: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(summary_text(result))
+    return 0
+
+
+def summary_text(result: Any) -> str:
+    rows = result.rows_dir
+    rate = ""
+    if result.rows_per_s:
+        rate = f", {result.rows_per_s:.0f} rows/s"
+        if result.steady_rows_per_s:
+            rate += f" ({result.steady_rows_per_s:.0f} rows/s once the engines were up)"
+    lines = [
+        f"run {result.run_id}: {result.rows_total} rows in {result.shards_total} "
+        f"part file{'s' if result.shards_total != 1 else ''} "
+        f"({result.shards_written} written now, {result.shards_skipped} resumed), "
+        f"{result.wall_s:.0f} s wall{rate}",
+        f"  rows      {rows}/   (pandas/polars: read_parquet('{rows}'); duckdb: "
+        f"read_parquet('{rows}/*.parquet'))",
+        f"  manifest  {result.manifest_path}",
+    ]
+    if result.report is not None:
+        rep = result.report
+        lines += [
+            f"  summary   {rep.csv_path}  {rep.markdown_path}",
+            f"  plot      {rep.plot_path}",
+            "",
+            rep.short_text(),
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""What a grid run is: the typed configuration, angle parsing, and validation before any engine.
+
+Two layers:
+- GridConfig: what the user asked for, as typed values (the CLI builds one; Python callers too).
+- ResolvedGrid: the same request with every path made absolute, the files read and checked
+  (model hidden size, plane, prompt sets, output directory) and a run id derived from
+  everything that determines the rows. `resolve()` builds it without starting Ray or vLLM,
+  so every bad input is a clear GridConfigError in a second, not a traceback after an engine
+  spent 15 s starting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rotserve.plane import Plane, PlaneError, file_sha256, load_plane
+from rotserve.prompts import DATA_DIR, DEFAULT_PROMPTS, Prompt, PromptFileError, load_prompts
+
+DEFAULT_MODEL = DATA_DIR / "toy-refusal"
+# The plane a model directory ships, used when --plane is absent.
+PLANE_FILENAME = "plane.safetensors"
+DEFAULT_ANGLE_COUNT = 36  # the reference grid: 0..350 step 10
+DEFAULT_MAX_TOKENS = 32  # the toy answers or refuses within its first ~10 tokens
+DEFAULT_SHARD_SIZE = 256  # prompts × conditions per generate() call (× samples per prompt rows)
+MODES = ("plain", "adaptive", "both")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class GridConfigError(ValueError):
+    """A grid request that cannot run; the message says which input and what to do."""
+
+
+# --- angles ----------------------------------------------------------------------------------
+
+
+def evenly_spaced(count: int) -> tuple[float, ...]:
+    """`count` angles in degrees, evenly spaced from 0°: 4 -> (0, 90, 180, 270)."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise GridConfigError(f"the angle count must be a whole number, got {count!r}")
+    if count < 1:
+        raise GridConfigError(
+            f"the angle count must be at least 1, got {count}; "
+            "use --no-baseline with --angle-list for specific angles, or --angles 36 for 10° steps"
+        )
+    return tuple(360.0 * i / count for i in range(count))
+
+
+def parse_angle_count(text: str) -> int:
+    """`--angles N`: a positive whole number (no '3.5', no '-2', no '0')."""
+    try:
+        count = int(text.strip())
+    except ValueError:
+        raise GridConfigError(
+            f"--angles takes a whole number of evenly spaced angles, got {text!r}; "
+            "for specific angles use --angle-list 0,90,180"
+        ) from None
+    evenly_spaced(count)  # range check, same message as the Python API
+    return count
+
+
+def normalize_angles(angles: list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """Angles folded into [0°, 360°), order kept; duplicates are an error (they double rows)."""
+    out: list[float] = []
+    for a in angles:
+        a = float(a)
+        if not math.isfinite(a):
+            raise GridConfigError(f"angle {a} is not a finite number of degrees")
+        folded = a % 360.0
+        folded = 0.0 if folded == 360.0 else folded  # -1e-17 % 360 rounds to 360.0
+        if folded in out:
+            raise GridConfigError(
+                f"angle {a:g}° appears twice in the grid (as {folded:g}°): every angle once, "
+                "or the same rows would be generated twice"
+            )
+        out.append(folded)
+    if not out:
+        raise GridConfigError("the angle list is empty; give at least one angle")
+    return tuple(out)
+
+
+def parse_angle_list(text: str) -> tuple[float, ...]:
+    """`--angle-list 0,90,180`: degrees separated by commas."""
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise GridConfigError("--angle-list is empty; give degrees like 0,90,180,270")
+    values = []
+    for p in parts:
+        if not p:
+            raise GridConfigError(f"--angle-list {text!r} has an empty item (two commas in a row?)")
+        try:
+            values.append(float(p))
+        except ValueError:
+            raise GridConfigError(f"--angle-list item {p!r} is not a number of degrees") from None
+    return normalize_angles(values)
+
+
+def parse_prompt_set(text: str) -> tuple[str, str]:
+    """`--prompts label=FILE` (or just FILE: the label is the file's stem)."""
+    label, sep, path = text.partition("=")
+    if not sep:
+        label, path = Path(text).stem, text
+    label, path = label.strip(), path.strip()
+    if not label or not path:
+        raise GridConfigError(f"--prompts takes label=FILE, got {text!r}")
+    return label, path
+
+
+# --- the request -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """One grid request. Defaults give the embedded demo: toy model, its plane, both prompt sets.
+
+    Fields that change the rows (model .. shard_size) go into the run id; the others
+    (engines, Ray address, out, ...) only say how to execute, so a run can be resumed with,
+    say, more engines.
+    """
+
+    model: str = str(DEFAULT_MODEL)
+    revision: str | None = None  # HF revision, for hub ids
+    plane: str | None = None  # None: <model>/plane.safetensors
+    prompts: tuple[tuple[str, str], ...] = tuple((k, str(v)) for k, v in DEFAULT_PROMPTS.items())
+    column: str | None = None  # instruction column; None: load_prompts' auto-detection
+    angles: tuple[float, ...] = field(default_factory=lambda: evenly_spaced(DEFAULT_ANGLE_COUNT))
+    baseline: bool = True  # also generate unsteered rows (angle null)
+    mode: str = "plain"  # plain | adaptive | both
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    seed: int = 0
+    samples_per_prompt: int = 1
+    dtype: str = "auto"
+    enforce_eager: bool = False  # no torch.compile / CUDA graphs: faster start, slower steps
+    shard_size: int = DEFAULT_SHARD_SIZE
+    # execution only
+    out: str | None = None  # None: runs/grid-<run id>
+    overwrite: bool = False
+    engines: int | None = None  # None: one per GPU; on CPU (cores - 1) // cpus_per_engine
+    gpus_per_engine: int | None = None  # None: 1 if the cluster has GPUs, else 0 (CPU engines)
+    cpus_per_engine: int = 1
+    tensor_parallel_size: int | None = None  # None: gpus_per_engine (or 1)
+    ray_address: str | None = None  # None: start a local cluster; "auto": join the running one
+    max_engine_failures: int = 3  # engine deaths tolerated (shards re-queued) before giving up
+    report: bool = True
+    progress: bool = True
+    verbose: bool = False  # stream engine (vLLM) logs to the console
+
+    @property
+    def adaptive_modes(self) -> tuple[bool, ...]:
+        return {"plain": (False,), "adaptive": (True,), "both": (False, True)}[self.mode]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    label: str
+    path: Path
+    sha256: str
+    prompts: tuple[Prompt, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedGrid:
+    """A validated request: absolute paths, loaded inputs, run id. Built before Ray starts."""
+
+    config: GridConfig
+    model: str  # absolute path of a local model directory, or the HF id
+    model_is_local: bool
+    hidden_size: int
+    plane_path: Path
+    plane_sha256: str
+    plane: Plane
+    prompt_sets: tuple[PromptSet, ...]
+    angles: tuple[float, ...]
+    run_id: str
+    out: Path
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the rows; its hash is the run id."""
+        return run_identity(
+            self.config, self.model, self.plane_sha256, self.prompt_sets, self.angles
+        )
+
+
+def run_identity(
+    config: GridConfig,
+    model: str,
+    plane_sha256: str,
+    prompt_sets: tuple[PromptSet, ...],
+    angles: tuple[float, ...],
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "revision": config.revision,
+        "plane_sha256": plane_sha256,
+        "prompts": [
+            {"label": s.label, "sha256": s.sha256, "n": len(s.prompts)} for s in prompt_sets
+        ],
+        "column": config.column,
+        "angles": list(angles),
+        "baseline": config.baseline,
+        "mode": config.mode,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "samples_per_prompt": config.samples_per_prompt,
+        "dtype": config.dtype,
+        # compiled and eager kernels may round differently: a resume must not mix them
+        "enforce_eager": config.enforce_eager,
+        "shard_size": config.shard_size,
+    }
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def resolve(config: GridConfig) -> ResolvedGrid:
+    """Check every input and return the resolved request; GridConfigError on the first problem.
+
+    Touches only files (and, for a hub id, the HF config download): no Ray, no vLLM.
+    """
+    _check_numbers(config)
+    angles = normalize_angles(config.angles) if config.angles else ()
+    if not angles and not config.baseline:
+        raise GridConfigError("nothing to generate: no angles and --no-baseline")
+    model, is_local = _resolve_model(config.model)
+    hidden_size = model_hidden_size(model, config.revision)
+    plane_path = _resolve_plane_path(config.plane, model, is_local)
+    try:
+        plane = load_plane(plane_path)
+        plane.check_hidden_size(hidden_size, model=model)
+    except PlaneError as e:
+        raise GridConfigError(f"--plane {plane_path}: {e}") from None
+    if is_local:
+        _check_weights_dir(Path(model))
+    prompt_sets = _load_prompt_sets(config.prompts, config.column)
+    plane_sha = file_sha256(plane_path)
+    identity = run_identity(config, model, plane_sha, prompt_sets, angles)
+    run_id = identity_hash(identity)
+    out = (
+        Path(config.out).expanduser().resolve()
+        if config.out
+        else Path("runs").resolve() / f"grid-{run_id}"
+    )
+    return ResolvedGrid(
+        config=config,
+        model=model,
+        model_is_local=is_local,
+        hidden_size=hidden_size,
+        plane_path=plane_path,
+        plane_sha256=plane_sha,
+        plane=plane,
+        prompt_sets=prompt_sets,
+        angles=angles,
+        run_id=run_id,
+        out=out,
+    )
+
+
+def _check_numbers(c: GridConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise GridConfigError(msg)
+
+    need(c.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+    need(c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+    need(c.max_tokens >= 1, f"--max-tokens must be at least 1, got {c.max_tokens}")
+    need(
+        math.isfinite(c.temperature) and c.temperature >= 0,
+        f"--temperature must be a number >= 0 (0 = greedy), got {c.temperature}",
+    )
+    need(
+        c.samples_per_prompt >= 1,
+        f"--samples-per-prompt must be at least 1, got {c.samples_per_prompt}",
+    )
+    need(c.shard_size >= 1, f"--shard-size must be at least 1, got {c.shard_size}")
+    need(c.engines is None or c.engines >= 1, f"--engines must be at least 1, got {c.engines}")
+    need(
+        c.gpus_per_engine is None or c.gpus_per_engine >= 0,
+        f"--gpus-per-engine must be >= 0, got {c.gpus_per_engine}",
+    )
+    need(c.cpus_per_engine >= 1, f"--cpus-per-engine must be at least 1, got {c.cpus_per_engine}")
+    need(
+        c.tensor_parallel_size is None or c.tensor_parallel_size >= 1,
+        f"--tensor-parallel-size must be at least 1, got {c.tensor_parallel_size}",
+    )
+    need(
+        c.max_engine_failures >= 0,
+        f"--max-engine-failures must be >= 0, got {c.max_engine_failures}",
+    )
+    need(0 <= c.seed < 2**63, f"--seed must be in [0, 2^63), got {c.seed}")
+
+
+def _is_hub_id(model: str) -> bool:
+    """`name` or `org/name` as the HF hub spells them (anything else is meant as a path)."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) is not None and not model.startswith(".")
+
+
+def _resolve_model(model: str) -> tuple[str, bool]:
+    """(absolute directory, True) for a local model, (hub id, False) for `org/name`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GridConfigError(
+                f"--model {model}: the directory has no config.json; is it a HF model?"
+            )
+        return str(path.resolve()), True
+    if path.exists():
+        raise GridConfigError(
+            f"--model {model}: not a directory (give a HF model directory or hub id)"
+        )
+    if not _is_hub_id(model):
+        if Path(model).resolve() == DEFAULT_MODEL.resolve():
+            raise GridConfigError(
+                f"the default toy model is missing at {DEFAULT_MODEL}; build it with "
+                "`python -m rotserve.toy.train` or pass --model"
+            )
+        raise GridConfigError(
+            f"--model {model}: no such directory (and not a hub id like org/name)"
+        )
+    return model, False
+
+
+def model_hidden_size(model: str, revision: str | None = None) -> int:
+    """hidden_size from the model's config.json (text config for multimodal checkpoints)."""
+    path = Path(model)
+    if path.is_dir():
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GridConfigError(f"--model {model}: cannot read config.json ({e})") from None
+        for c in (cfg, cfg.get("text_config") or {}):
+            if isinstance(c.get("hidden_size"), int):
+                return c["hidden_size"]
+        raise GridConfigError(f"--model {model}: config.json has no hidden_size")
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
+    except Exception as e:  # hub errors come in many types; all mean "cannot use this model"
+        raise GridConfigError(
+            f"--model {model}: cannot load its config ({type(e).__name__}: {e})"
+        ) from None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    size = getattr(text, "hidden_size", None)
+    if not isinstance(size, int):
+        raise GridConfigError(f"--model {model}: its config has no hidden_size")
+    return size
+
+
+def _check_weights_dir(model_dir: Path) -> None:
+    """Refuse a model directory vLLM would mis-load, before an engine spends a minute failing.
+
+    vLLM 0.32 loads EVERY top-level *.safetensors of a local model directory unless a
+    model.safetensors.index.json lists the weight files; a plane file kept beside the weights
+    (b1, b2 tensors) then fails the load with "no module or parameter named 'b1'".
+    """
+    if (model_dir / "model.safetensors.index.json").is_file():
+        return
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = set(h.keys())
+        except Exception:
+            continue
+        if keys and keys <= {"b1", "b2"}:
+            raise GridConfigError(
+                f"--model {model_dir}: {f.name} is a plane file inside the model directory, and "
+                "vLLM would load it as model weights (it reads every *.safetensors when there is "
+                "no model.safetensors.index.json). Add the index file (weight_map of the real "
+                "weights) or keep the plane outside the model directory"
+            )
+
+
+def _resolve_plane_path(plane: str | None, model: str, is_local: bool) -> Path:
+    if plane is None:
+        shipped = Path(model) / PLANE_FILENAME if is_local else None
+        if shipped is None or not shipped.is_file():
+            raise GridConfigError(
+                f"no --plane given and {model} ships no {PLANE_FILENAME}; extract one with "
+                "`rotserve extract --model ...` and pass --plane FILE"
+            )
+        return shipped.resolve()
+    path = Path(plane).expanduser()
+    if not path.is_file():
+        raise GridConfigError(f"--plane {plane}: file not found")
+    return path.resolve()
+
+
+def _load_prompt_sets(
+    prompts: tuple[tuple[str, str], ...], column: str | None
+) -> tuple[PromptSet, ...]:
+    if not prompts:
+        raise GridConfigError("no prompt sets: give at least one --prompts label=FILE")
+    labels = [label for label, _ in prompts]
+    dupes = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if dupes:
+        raise GridConfigError(
+            f"--prompts label(s) used twice: {', '.join(dupes)}; labels name datasets"
+        )
+    sets = []
+    for label, raw in prompts:
+        path = Path(raw).expanduser().resolve()
+        try:
+            loaded = load_prompts(path, column)
+        except PromptFileError as e:
+            raise GridConfigError(f"--prompts {label}={raw}: {e}") from None
+        ids = [p.id for p in loaded]
+        dup_ids = sorted({i for i in ids if ids.count(i) > 1})
+        if dup_ids:
+            raise GridConfigError(
+                f"--prompts {label}={raw}: prompt id(s) used twice: {', '.join(dup_ids[:5])}; "
+                "rows are keyed by (dataset, prompt_id, angle, mode, sample)"
+            )
+        sets.append(
+            PromptSet(label=label, path=path, sha256=file_sha256(path), prompts=tuple(loaded))
+        )
+    return tuple(sets)
+
+
+def config_dict(config: GridConfig) -> dict[str, Any]:
+    """JSON-ready form of the request (for the manifest)."""
+    d = asdict(config)
+    d["prompts"] = [list(p) for p in config.prompts]
+    d["angles"] = list(config.angles)
+    return d

@@ -1,0 +1,49 @@
+"""`python jobs/report.py RUN_DIR` / `rotserve report RUN_DIR`: summarise and plot a grid run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rotserve.grid.cli import DefaultsFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=(
+            "Summarise a grid run directory: per dataset, mode and angle, the refusal rate, mean "
+            "output tokens, mean fluency and n, as summary.csv and summary.md, plus a polar plot "
+            "of refusal rate against angle (refusal_polar.png). Works on a partial run too."
+        ),
+        formatter_class=DefaultsFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by the grid job")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where to write the report (default: RUN_DIR/report)",
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the paths, not the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rotserve.grid.store import RunDirError
+    from rotserve.report import make_report
+
+    args = build_parser().parse_args(argv)
+    try:
+        rep = make_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError, RunDirError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(rep.short_text())
+        print()
+    print(f"summary  {rep.csv_path}\n         {rep.markdown_path}\nplot     {rep.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Per-angle summary of a grid run: refusal rate, output length and fluency per condition.
+
+Uses pyarrow and the standard library only (pandas is a dev extra, not a dependency).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyarrow as pa
+
+BASELINE = "baseline"
+MODE_ORDER = (BASELINE, "plain", "adaptive")
+REFUSING = 0.5  # an angle "refuses" for a dataset when at least half its rows are refusals
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    dataset: str
+    mode: str  # baseline | plain | adaptive
+    angle: float | None  # degrees; None for the baseline
+    n: int
+    refusal_rate: float
+    mean_output_tokens: float
+    mean_fluency: float
+
+
+def mode_of(angle: float | None, adaptive: bool) -> str:
+    if angle is None:
+        return BASELINE
+    return "adaptive" if adaptive else "plain"
+
+
+def summarize(table: pa.Table) -> list[SummaryRow]:
+    """One SummaryRow per (dataset, mode, angle), datasets in first-seen order, baseline first."""
+    cols = {
+        name: table.column(name).to_pylist()
+        for name in ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency")
+    }
+    acc: dict[tuple[str, str, float | None], list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    order: list[str] = []
+    for ds, angle, adaptive, refused, tokens, flu in zip(*cols.values(), strict=True):
+        if ds not in order:
+            order.append(ds)
+        a = acc[(ds, mode_of(angle, adaptive), angle)]
+        a[0] += 1
+        a[1] += bool(refused)
+        a[2] += tokens
+        a[3] += flu
+    rows = [
+        SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n)
+        for (ds, mode, angle), (n, r, t, f) in acc.items()
+    ]
+    rows.sort(
+        key=lambda s: (
+            order.index(s.dataset),
+            MODE_ORDER.index(s.mode),
+            -1.0 if s.angle is None else s.angle,
+        )
+    )
+    return rows
+
+
+def write_csv(rows: Sequence[SummaryRow], path: Path) -> Path:
+    names = [f.name for f in fields(SummaryRow)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d["angle"] = "" if r.angle is None else f"{r.angle:g}"
+            for k in ("refusal_rate", "mean_output_tokens", "mean_fluency"):
+                d[k] = f"{d[k]:.4f}"
+            w.writerow(d)
+    return path
+
+
+def _angle(a: float | None) -> str:
+    return BASELINE if a is None else f"{a:g}°"
+
+
+def datasets(rows: Sequence[SummaryRow]) -> list[str]:
+    return list(dict.fromkeys(r.dataset for r in rows))
+
+
+def modes(rows: Sequence[SummaryRow]) -> list[str]:
+    present = {r.mode for r in rows}
+    return [m for m in MODE_ORDER if m in present and m != BASELINE]
+
+
+def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
+    """One wide table per mode: a row per angle (baseline first), three columns per dataset."""
+    ds = datasets(rows)
+    by = {(r.dataset, r.mode, r.angle): r for r in rows}
+    out = [f"# {title}", ""] if title else []
+    out.append(
+        "Refusal rate (substring markers), mean fluency (0-1) and mean output tokens per dataset; "
+        "n = rows per cell: " + ", ".join(f"{d} {_n(rows, d)}" for d in ds) + "."
+    )
+    for mode in modes(rows) or [BASELINE]:
+        out += ["", f"## {mode} mode" if mode != BASELINE else "## baseline only", ""]
+        header = ["angle"] + [f"{d} {k}" for d in ds for k in ("refusal", "fluency", "tokens")]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join(["---:"] * len(header)) + "|")
+        angles = [None] + sorted({r.angle for r in rows if r.mode == mode and r.angle is not None})
+        for a in angles:
+            cells = [_angle(a)]
+            for d in ds:
+                r = by.get((d, BASELINE if a is None else mode, a))
+                cells += (
+                    [
+                        f"{r.refusal_rate:.2f}",
+                        f"{r.mean_fluency:.2f}",
+                        f"{r.mean_output_tokens:.1f}",
+                    ]
+                    if r
+                    else ["", "", ""]
+                )
+            if any(cells[1:]):
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _n(rows: Sequence[SummaryRow], dataset: str) -> str:
+    ns = sorted({r.n for r in rows if r.dataset == dataset})
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
+def refusal_arcs(
+    points: Sequence[tuple[float, float]], threshold: float = REFUSING
+) -> list[tuple[float, float]]:
+    """Arcs (first, last angle) where the rate is >= threshold, joined across 0°."""
+    pts = sorted(points)
+    if not pts:
+        return []
+    flags = [rate >= threshold for _, rate in pts]
+    if all(flags):
+        return [(pts[0][0], pts[-1][0])]
+    # start scanning just after a non-refusing angle so an arc through 0° stays whole
+    start = flags.index(False) + 1
+    arcs: list[tuple[float, float]] = []
+    current: list[float] = []
+    for i in range(len(pts)):
+        j = (start + i) % len(pts)
+        if flags[j]:
+            current.append(pts[j][0])
+        elif current:
+            arcs.append((current[0], current[-1]))
+            current = []
+    if current:
+        arcs.append((current[0], current[-1]))
+    return arcs
+
+
+def short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
+    """The console summary: per mode and dataset, where it refuses; then a compact angle table."""
+    ds = datasets(rows)
+    by = {(r.dataset, r.mode, r.angle): r for r in rows}
+    lines: list[str] = []
+    for d in ds:
+        base = by.get((d, BASELINE, None))
+        if base:
+            lines.append(
+                f"{d}: baseline refusal {base.refusal_rate:.2f}, "
+                f"fluency {base.mean_fluency:.2f} (n={base.n})"
+            )
+    for mode in modes(rows):
+        lines += ["", f"{mode} mode:"]
+        for d in ds:
+            pts = [(r.angle, r.refusal_rate) for r in rows if r.dataset == d and r.mode == mode]
+            if not pts:
+                continue
+            hi = max(pts, key=lambda p: p[1])
+            lo = min(pts, key=lambda p: p[1])
+            arcs = refusal_arcs(pts)
+            where = ", ".join(f"{a:g}°" if a == b else f"{a:g}°–{b:g}°" for a, b in arcs)
+            lines.append(
+                f"  {d}: refuses (≥{REFUSING:.0%}) {'at ' + where if where else 'nowhere'}; "
+                f"max {hi[1]:.2f} at {hi[0]:g}°, "
+                f"min {lo[1]:.2f} at {lo[0]:g}°"
+            )
+        angles = sorted({r.angle for r in rows if r.mode == mode and r.angle is not None})
+        step = max(1, math.ceil(len(angles) / max_angles))
+        shown = angles[::step]
+        note = f" (one angle in {step}; all of them in summary.md)" if step > 1 else ""
+        width = max(10, *(len(d) for d in ds))
+        lines.append(f"  refusal rate (fluency){note}")
+        lines.append("  " + "angle".rjust(9) + "".join(d.rjust(width + 4) for d in ds))
+        for a in [None, *shown]:
+            cells = []
+            for d in ds:
+                r = by.get((d, BASELINE if a is None else mode, a))
+                cells.append(
+                    (f"{r.refusal_rate:.2f} ({r.mean_fluency:.2f})" if r else "-").rjust(width + 4)
+                )
+            lines.append("  " + _angle(a).rjust(9) + "".join(cells))
+    return "\n".join(lines)

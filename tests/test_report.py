@@ -1,0 +1,130 @@
+"""Report: summary numbers, refusal arcs, CSV/Markdown/PNG, and the CLI, on a synthetic run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from rotserve.grid.store import RunStore, to_table
+from rotserve.report import make_report, summarize
+from rotserve.report.cli import main
+from rotserve.report.summary import refusal_arcs
+
+
+def row(ds: str, angle: float | None, adaptive: bool, refused: bool, i: int) -> dict:
+    return {
+        "run_id": "r",
+        "model": "/models/toy",
+        "plane_id": "p",
+        "dataset": ds,
+        "prompt_id": f"{ds}-{i}",
+        "instruction": "x",
+        "prompt": "x",
+        "category": "",
+        "angle": angle,
+        "adaptive": adaptive,
+        "sample": 0,
+        "seed": 0,
+        "temperature": 0.0,
+        "max_tokens": 8,
+        "generation": "I'm sorry" if refused else "Sure thing here you go",
+        "prompt_tokens": 3,
+        "output_tokens": 2 if refused else 5,
+        "finish_reason": "stop",
+        "refusal": refused,
+        "refusal_marker": "I'm sorry" if refused else None,
+        "fluency": 0.5 if refused else 1.0,
+    }
+
+
+def synthetic_rows() -> list[dict]:
+    """harmful refuses at 300°-60° (and at baseline), harmless only at 0° in plain mode."""
+    rows = []
+    for i in range(4):
+        rows.append(row("harmful", None, False, True, i))
+        rows.append(row("harmless", None, False, False, i))
+        for mode in (False, True):
+            for a in range(0, 360, 30):
+                harm = a <= 60 or a >= 300
+                rows.append(row("harmful", float(a), mode, harm and (i < 3 or a == 0), i))
+                rows.append(row("harmless", float(a), mode, a == 0 and not mode, i))
+    return rows
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> Path:
+    store, _ = RunStore.open(tmp_path / "run", "r", overwrite=False)
+    rows = synthetic_rows()
+    store.write_manifest({"run_id": "r", "status": "complete", "rows": {"expected": len(rows)}})
+    store.write_part("00000", to_table(rows[:50]))
+    store.write_part("00001", to_table(rows[50:]))
+    store.close()
+    return store.root
+
+
+def test_summarize_per_dataset_mode_angle():
+    summary = summarize(to_table(synthetic_rows()))
+    by = {(s.dataset, s.mode, s.angle): s for s in summary}
+    assert len(summary) == 2 * (1 + 2 * 12)
+    assert summary[0].mode == "baseline" and summary[0].dataset == "harmful"
+    base = by[("harmful", "baseline", None)]
+    assert base.n == 4 and base.refusal_rate == 1.0 and base.mean_output_tokens == 2.0
+    assert by[("harmful", "plain", 30.0)].refusal_rate == 0.75
+    assert by[("harmful", "plain", 180.0)].refusal_rate == 0.0
+    assert by[("harmful", "plain", 180.0)].mean_fluency == 1.0
+    assert by[("harmless", "plain", 0.0)].refusal_rate == 1.0
+    assert by[("harmless", "adaptive", 0.0)].refusal_rate == 0.0
+
+
+def test_refusal_arcs_wrap_through_zero():
+    pts = [(float(a), 1.0 if (a <= 60 or a >= 300) else 0.0) for a in range(0, 360, 30)]
+    assert refusal_arcs(pts) == [(300.0, 60.0)]
+    assert refusal_arcs([(0.0, 0.0), (90.0, 1.0), (180.0, 0.0), (270.0, 1.0)]) == [
+        (90.0, 90.0),
+        (270.0, 270.0),
+    ]
+    assert refusal_arcs([(0.0, 1.0), (180.0, 1.0)]) == [(0.0, 180.0)]
+    assert refusal_arcs([(0.0, 0.0)]) == []
+
+
+def test_make_report_writes_csv_markdown_plot(run_dir):
+    rep = make_report(run_dir)
+    assert rep.complete and rep.n_rows == len(synthetic_rows())
+    with open(rep.csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0] == {
+        "dataset": "harmful",
+        "mode": "baseline",
+        "angle": "",
+        "n": "4",
+        "refusal_rate": "1.0000",
+        "mean_output_tokens": "2.0000",
+        "mean_fluency": "0.5000",
+    }
+    md = rep.markdown_path.read_text()
+    assert "## plain mode" in md and "## adaptive mode" in md
+    assert "| baseline | 1.00 | 0.50 | 2.0 | 0.00 | 1.00 | 5.0 |" in md
+    png = rep.plot_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    text = rep.short_text()
+    assert "harmful: refuses (≥50%) at 300°–60°" in text
+    assert "harmless: refuses (≥50%) at 0°;" in text
+
+
+def test_report_cli(run_dir, tmp_path, capsys):
+    assert main([str(run_dir), "--out", str(tmp_path / "elsewhere")]) == 0
+    out = capsys.readouterr().out
+    assert "plain mode:" in out and "refusal_polar.png" in out
+    assert (tmp_path / "elsewhere" / "summary.md").is_file()
+    assert main([str(tmp_path / "nothing-here")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_partial_run_is_labelled(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(status="running", rows={"expected": 10_000})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert make_report(run_dir).short_text().startswith("(partial run")
