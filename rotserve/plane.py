@@ -113,7 +113,9 @@ def validate_basis(b1: torch.Tensor, b2: torch.Tensor, tol: float = ORTHONORMAL_
     """Raise PlaneError unless b1, b2 are finite 1-D vectors of one size, orthonormal within tol."""
     for name, v in (("b1", b1), ("b2", b2)):
         if v.ndim != 1:
-            raise PlaneError(f"{name} must be a 1-D vector [hidden_size], got shape {tuple(v.shape)}")
+            raise PlaneError(
+                f"{name} must be a 1-D vector [hidden_size], got shape {tuple(v.shape)}"
+            )
         if not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).sum())
             raise PlaneError(f"{name} has {bad} NaN/inf entries: the plane file is corrupt")
@@ -154,7 +156,9 @@ def load_plane(path: str | Path, hidden_size: int | None = None) -> Plane:
             header = f.metadata() or {}
             missing = {"b1", "b2"} - keys
             if missing:
-                raise PlaneError(f"{path}: missing tensor(s) {sorted(missing)}; found {sorted(keys)}")
+                raise PlaneError(
+                    f"{path}: missing tensor(s) {sorted(missing)}; found {sorted(keys)}"
+                )
             b1, b2 = f.get_tensor("b1"), f.get_tensor("b2")
     except PlaneError:
         raise

@@ -23,7 +23,9 @@ CATEGORY_COLUMNS = ("category", "Category", "type", "SemanticCategory")
 
 # The embedded defaults (toy model, its plane, the team's instruction sets) live in the repo's
 # data/ folder. A wheel installed elsewhere (the Docker image) points at them with ROTSERVE_DATA_DIR.
-DATA_DIR = Path(os.environ.get("ROTSERVE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
+DATA_DIR = Path(
+    os.environ.get("ROTSERVE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data"
+)
 DEFAULT_PROMPTS = {
     "harmful": DATA_DIR / "prompts" / "harmful.jsonl",
     "harmless": DATA_DIR / "prompts" / "harmless.jsonl",
@@ -49,7 +51,9 @@ class Prompt:
     line: int = 0  # 1-based line (JSONL, CSV, text) or item number (JSON, Parquet)
 
 
-def load_prompts(path: str | Path, column: str | None = None, limit: int | None = None) -> list[Prompt]:
+def load_prompts(
+    path: str | Path, column: str | None = None, limit: int | None = None
+) -> list[Prompt]:
     """Read instructions from a JSONL, JSON, CSV, Parquet or .txt file."""
     path = Path(path)
     if not path.is_file():
@@ -87,11 +91,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{lineno}: not valid JSON ({e.msg}): {text[:80]!r}") from None
+            raise PromptFileError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}): {text[:80]!r}"
+            ) from None
         if isinstance(obj, str):
             obj = {"instruction": obj}
         if not isinstance(obj, dict):
-            raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise PromptFileError(
+                f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+            )
         rows.append((lineno, obj))
     return rows
 
@@ -104,7 +112,9 @@ def _read_json(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if isinstance(data, dict):  # {"data": [...]} or similar: take the one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise PromptFileError(f"{path}: expected a JSON list of instructions (or an object holding one list)")
+            raise PromptFileError(
+                f"{path}: expected a JSON list of instructions (or an object holding one list)"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise PromptFileError(f"{path}: expected a JSON list, got {type(data).__name__}")
@@ -113,7 +123,9 @@ def _read_json(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if isinstance(obj, str):
             obj = {"instruction": obj}
         if not isinstance(obj, dict):
-            raise PromptFileError(f"{path}: item {i}: expected an object or a string, got {type(obj).__name__}")
+            raise PromptFileError(
+                f"{path}: item {i}: expected an object or a string, got {type(obj).__name__}"
+            )
         rows.append((i, obj))
     return rows
 
@@ -138,7 +150,9 @@ def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(i, row) for i, row in enumerate(pq.read_table(path).to_pylist(), 1)]
 
 
-def _to_prompts(rows: list[tuple[int, dict[str, Any]]], path: Path, column: str | None) -> list[Prompt]:
+def _to_prompts(
+    rows: list[tuple[int, dict[str, Any]]], path: Path, column: str | None
+) -> list[Prompt]:
     if not rows:
         return []
     keys = set().union(*(r.keys() for _, r in rows))
@@ -150,7 +164,9 @@ def _to_prompts(rows: list[tuple[int, dict[str, Any]]], path: Path, column: str 
                 f"found {', '.join(sorted(map(str, keys)))}; pick one with column=... (--column)"
             )
     elif column not in keys:
-        raise PromptFileError(f"{path}: no column {column!r}; found {', '.join(sorted(map(str, keys)))}")
+        raise PromptFileError(
+            f"{path}: no column {column!r}; found {', '.join(sorted(map(str, keys)))}"
+        )
     id_col = next((c for c in ID_COLUMNS if c in keys), None)
     cat_col = next((c for c in CATEGORY_COLUMNS if c in keys), None)
     stem = path.stem
@@ -198,5 +214,7 @@ def chat_prompt(tokenizer: Any, instruction: str, chat_template: str | None = No
     )
 
 
-def chat_prompts(tokenizer: Any, instructions: Sequence[str], chat_template: str | None = None) -> list[str]:
+def chat_prompts(
+    tokenizer: Any, instructions: Sequence[str], chat_template: str | None = None
+) -> list[str]:
     return [chat_prompt(tokenizer, t, chat_template) for t in instructions]

@@ -137,7 +137,9 @@ class HFRotatedGenerator:
     ) -> list[HFGeneration]:
         """prompts are already chat-templated strings; one angle per prompt, None = unsteered."""
         if len(angles) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(angles)} angles: give one per prompt")
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(angles)} angles: give one per prompt"
+            )
         flags = [adaptive] * len(prompts) if isinstance(adaptive, bool) else list(adaptive)
         if self.hooks is None and any(a is not None for a in angles):
             raise ValueError("angles given but the generator has no plane")
