@@ -80,7 +80,7 @@ class Plane:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.meta
         if not meta.created:
-            meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            meta.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         if not meta.rotserve_version:
             from rotserve import __version__
 

@@ -28,7 +28,9 @@ def prompts(gen):
 def test_no_angle_is_the_unhooked_model(gen, prompts):
     steered = gen.generate(prompts, [None] * 4, max_new_tokens=12)
     enc = gen.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    plain = gen.model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id)
+    plain = gen.model.generate(
+        **enc, max_new_tokens=12, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id
+    )
     for g, row in zip(steered, plain[:, enc["input_ids"].shape[1] :], strict=True):
         assert g.token_ids == row.tolist()[: len(g.token_ids)]
 
@@ -38,15 +40,23 @@ def test_a_batch_mixing_angles_equals_each_prompt_alone(gen, prompts):
     adaptive = [False, False, True, False]
     batched = gen.generate(prompts, angles, adaptive=adaptive, max_new_tokens=16)
     for i in range(4):
-        alone = gen.generate(prompts[i : i + 1], angles[i : i + 1], adaptive=adaptive[i], max_new_tokens=16)
+        alone = gen.generate(
+            prompts[i : i + 1], angles[i : i + 1], adaptive=adaptive[i], max_new_tokens=16
+        )
         assert batched[i].token_ids == alone[0].token_ids, f"row {i} (angle {angles[i]})"
         assert batched[i].logprobs == pytest.approx(alone[0].logprobs, abs=1e-4)
 
 
 def test_rotation_changes_what_the_model_says(gen, prompts):
     outs = {a: gen.generate(prompts[:2], [a, a], max_new_tokens=12) for a in (None, 0.0, 180.0)}
-    assert outs[0.0][0].token_ids != outs[180.0][0].token_ids or outs[0.0][1].token_ids != outs[180.0][1].token_ids
-    assert outs[None][0].token_ids != outs[0.0][0].token_ids or outs[None][1].token_ids != outs[0.0][1].token_ids
+    assert (
+        outs[0.0][0].token_ids != outs[180.0][0].token_ids
+        or outs[0.0][1].token_ids != outs[180.0][1].token_ids
+    )
+    assert (
+        outs[None][0].token_ids != outs[0.0][0].token_ids
+        or outs[None][1].token_ids != outs[0.0][1].token_ids
+    )
 
 
 def test_hooks_are_removed_after_generation(gen, prompts):
@@ -64,7 +74,9 @@ def test_seeded_sampling_is_reproducible(gen, prompts):
 def test_a_plane_for_another_model_is_refused(tiny_qwen2, tmp_path):
     from rotserve.plane import Plane, orthonormal_plane
 
-    path = Plane(*orthonormal_plane(torch.randn(64), torch.randn(64))).save(tmp_path / "p.safetensors")
+    path = Plane(*orthonormal_plane(torch.randn(64), torch.randn(64))).save(
+        tmp_path / "p.safetensors"
+    )
     with pytest.raises(PlaneError, match="hidden size 64 but .* has 128"):
         HFRotatedGenerator(tiny_qwen2, load_plane(path))
 

@@ -20,7 +20,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def gpu_vllm_version() -> str:
-    (spec,) = [d for d in PYPROJECT["project"]["optional-dependencies"]["gpu"] if d.startswith("vllm")]
+    (spec,) = [
+        d for d in PYPROJECT["project"]["optional-dependencies"]["gpu"] if d.startswith("vllm")
+    ]
     return spec.split("==")[1]
 
 
@@ -36,7 +38,18 @@ def test_the_cpu_and_gpu_extras_never_share_a_vllm_distribution():
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -51,7 +64,9 @@ def _dist_info(wheel: zipfile.ZipFile, name: str) -> str:
 
 def test_the_wheel_registers_the_vllm_plugin_and_the_cli(wheel):
     entry_points = _dist_info(wheel, "entry_points.txt")
-    assert re.search(r"\[vllm\.general_plugins\]\s*\nrotserve = rotserve\.vllm_plugin:register", entry_points)
+    assert re.search(
+        r"\[vllm\.general_plugins\]\s*\nrotserve = rotserve\.vllm_plugin:register", entry_points
+    )
     assert re.search(r"\[console_scripts\]\s*\nrotserve = rotserve\.cli:main", entry_points)
 
 
@@ -87,8 +102,10 @@ def test_everything_the_dockerfile_copies_and_runs_exists():
     assert re.search(r"^USER\s+(?!root|0\b)", text, re.M), "the image must not run as root"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
-                    reason="hadolint is installed by the dev extra on x86_64 only")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
+    reason="hadolint is installed by the dev extra on x86_64 only",
+)
 def test_the_dockerfile_passes_hadolint():
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True)

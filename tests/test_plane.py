@@ -53,7 +53,10 @@ def test_wrong_hidden_size_is_refused_with_the_fix(tmp_path):
     [
         (lambda b1, b2: (b1, b2 * 2), "not orthonormal"),
         (lambda b1, b2: (b1, b1.clone()), "not orthonormal"),
-        (lambda b1, b2: (b1.clone().index_fill_(0, torch.tensor([3]), float("nan")), b2), "NaN/inf"),
+        (
+            lambda b1, b2: (b1.clone().index_fill_(0, torch.tensor([3]), float("nan")), b2),
+            "NaN/inf",
+        ),
         (lambda b1, b2: (b1, b2[:-1]), "must match"),
         (lambda b1, b2: (b1.reshape(6, 8), b2), "1-D"),
     ],

@@ -27,7 +27,8 @@ def test_jsonl_json_csv_and_parquet_give_the_same_prompts(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     (tmp_path / "p.json").write_text(json.dumps(ROWS))
     (tmp_path / "p.csv").write_text(
-        "id,instruction,category\n" + "".join(f'{r["id"]},"{r["instruction"]}",{r["category"]}\n' for r in ROWS)
+        "id,instruction,category\n"
+        + "".join(f'{r["id"]},"{r["instruction"]}",{r["category"]}\n' for r in ROWS)
     )
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "p.parquet")
     loaded = [load_prompts(tmp_path / f"p.{ext}") for ext in ("jsonl", "json", "csv", "parquet")]
@@ -112,7 +113,9 @@ def test_the_chat_template_makes_one_user_turn_with_the_generation_prompt():
         chat_prompt(NoTemplate(), "hi")
 
 
-SHARED_FILES = sorted(p for p in SHARED.rglob("*") if p.suffix in {".csv", ".json", ".jsonl", ".txt"})
+SHARED_FILES = sorted(
+    p for p in SHARED.rglob("*") if p.suffix in {".csv", ".json", ".jsonl", ".txt"}
+)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/datasets is not on this machine")

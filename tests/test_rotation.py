@@ -57,7 +57,7 @@ def test_inactive_tokens_come_back_bit_identical(plane, h):
     assert torch.equal(out[1::2], x[1::2])
     assert not torch.equal(out[0::2], x[0::2])
     bf = x.bfloat16()
-    assert torch.equal(rotate(bf, basis, angle_table([None] * len(x)))  , bf)
+    assert torch.equal(rotate(bf, basis, angle_table([None] * len(x))), bf)
 
 
 def test_zero_degrees_aligns_the_in_plane_part_with_b1(plane, h):
@@ -157,6 +157,8 @@ def test_directional_ablation_is_a_rotation_to_ninety_degrees_rescaled(plane, h)
     b, _, _ = plane
     ablated = h - (h @ b)[:, None] * b
     rotated = rotate_in_token_plane(h, b, torch.full((len(h),), math.pi / 2))
-    torch.testing.assert_close(rotated * ablation_scale(h, b)[:, None], ablated, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rotated * ablation_scale(h, b)[:, None], ablated, atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(rms_norm(rotated), rms_norm(ablated), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(angle_to(ablated, b), torch.full((len(h),), math.pi / 2))
