@@ -261,6 +261,7 @@ def test_plane_inside_model_dir_without_index_is_refused(inputs, tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(inputs["model"], model)
+    (model / "model.safetensors.index.json").unlink(missing_ok=True)
     shutil.copy(inputs["plane"], model / "plane.safetensors")
     cfg = GridConfig(model=str(model), prompts=(("p", str(inputs["good"])),))
     with pytest.raises(GridConfigError, match="vLLM would load it as model weights"):
