@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rotserve.bench.runner import BenchSettings, run_bench, with_sections
 
+    # SIGTERM (a killed job) must still run the engines' shutdown in run_bench's finally:
+    # otherwise the engine processes outlive the benchmark and keep their cores busy.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.wait_load is not None:
         wait_for_quiet(args.wait_load, args.wait_max)
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings.full()

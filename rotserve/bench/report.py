@@ -172,6 +172,18 @@ def render_markdown(doc: dict[str, Any], interpretation: str | None = None) -> s
     return "\n".join(lines)
 
 
+def _noise_line(sec: dict[str, Any]) -> str:
+    ext = sec.get("external_cores_per_round") or []
+    if not ext:
+        return ""
+    dropped = len(sec.get("discarded_rounds") or [])
+    return (
+        f" Other processes used {min(ext):.2f}-{max(ext):.2f} cores during the kept rounds; "
+        f"{dropped} round(s) discarded and re-run because others used more than "
+        f"{sec.get('max_external_cores', 0.3)} cores."
+    )
+
+
 def _section_lines(doc: dict[str, Any]) -> list[str]:
     d = doc["details"]
     out: list[str] = []
@@ -222,6 +234,18 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
                 f"({r['hf_best']['dtype']}, batch {r['hf_best']['batch_size']}) | "
                 f"{r['speedup']:.1f}x | {probe} |"
             )
+        noise = "".join(_noise_line(r) for r in g.get("by_prompts", [g]))
+        if noise:
+            out += [
+                "",
+                "Per-round speedups: "
+                + "; ".join(
+                    f"N={r['prompts']}: " + ", ".join(f"{x:.1f}" for x in r["paired_ratios"])
+                    for r in g.get("by_prompts", [g])
+                )
+                + "."
+                + noise,
+            ]
     da = d.get("distinct_angles")
     if da:
         out += [
@@ -231,7 +255,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             f"{da['requests']} requests x {da['max_tokens']} tokens on the rotserve engine: "
             f"{da['requests']} distinct angles vs one shared angle ({da['shared_angle']} deg), "
             f"{da['rounds']} rounds. Per-round ratios: "
-            f"{', '.join(f'{x:.3f}' for x in da['paired_ratios'])}.",
+            f"{', '.join(f'{x:.3f}' for x in da['paired_ratios'])}." + _noise_line(da),
         ]
     ro = d.get("rotation_op")
     if ro:

@@ -32,6 +32,8 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 # Pause before each timed engine call (see timing.alternate): > vLLM's 1 s busy-poll window.
 SETTLE_S = 1.5
+# A round during which other processes used more than this many cores is run again.
+MAX_EXTERNAL_CORES = 0.3
 TOP_LEVEL = (
     "steer_overhead_ratio",
     "grid_speedup",
@@ -57,10 +59,10 @@ class BenchSettings:
     warmup: int = 1
     steer_requests: int = 64
     steer_tokens: int = 64
-    steer_rounds: int = 5
+    steer_rounds: int = 7
     distinct_requests: int = 72
-    distinct_tokens: int = 64
-    distinct_rounds: int = 5
+    distinct_tokens: int = 48
+    distinct_rounds: int = 7
     shared_angle: float = 30.0
     grid_angles: int = 36
     # One grid per prompt count; the headline is the largest (HF batches best there).
@@ -93,9 +95,9 @@ class BenchSettings:
             quick=True,
             steer_requests=32,
             steer_tokens=32,
-            steer_rounds=3,
+            steer_rounds=5,
             distinct_tokens=16,
-            distinct_rounds=3,
+            distinct_rounds=5,
             grid_prompts=(8,),
             grid_tokens=8,
             grid_rounds=1,
@@ -302,12 +304,13 @@ def _start_engines(ctx: Context, shape: ModelShape, stock: bool) -> dict[str, An
     return engines
 
 
-def _round_logger(ctx: Context, label: str) -> Callable[[int, dict[str, Any]], None]:
-    def on_round(r: int, runs: dict[str, Any]) -> None:
+def _round_logger(ctx: Context, label: str) -> Callable[[int, dict[str, Any], float], None]:
+    def on_round(r: int, runs: dict[str, Any], external: float) -> None:
+        noisy = " (discarded: busy machine)" if external > MAX_EXTERNAL_CORES else ""
         ctx.log(
             f"  {label} round {r + 1}: "
             + ", ".join(f"{k} {v.rate:.1f}/s ({v.seconds:.1f} s)" for k, v in runs.items())
-            + f"; load {loadavg()[:1]}"
+            + f"; other processes {external:.2f} cores{noisy}"
         )
 
     return on_round
@@ -319,6 +322,8 @@ def _summarise(rounds: Rounds, num: str, den: str) -> dict[str, Any]:
         den: rounds.summary(den),
         "paired_ratios": rounds.paired_ratios(num, den),
         "ratio": rounds.ratio(num, den),
+        "external_cores_per_round": rounds.external,
+        "discarded_rounds": rounds.discarded,
     }
 
 
@@ -338,6 +343,8 @@ def run_steer(ctx: Context, engines: dict[str, Any]) -> None:
         s.warmup,
         _round_logger(ctx, "steer"),
         settle_s=SETTLE_S,
+        max_external=MAX_EXTERNAL_CORES,
+        max_retries=s.steer_rounds,
     )
     lengths = rot.prompt_tokens(instr)
     ctx.details["steer_overhead"] = {
@@ -368,6 +375,8 @@ def run_distinct(ctx: Context, engines: dict[str, Any]) -> None:
         s.warmup,
         _round_logger(ctx, "distinct"),
         settle_s=SETTLE_S,
+        max_external=MAX_EXTERNAL_CORES,
+        max_retries=s.distinct_rounds,
     )
     ctx.details["distinct_angles"] = {
         "requests": n,
@@ -415,6 +424,8 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
             warmup=0,  # both sides are warm: rotserve from earlier sections, HF from the probe
             on_round=_round_logger(ctx, "grid"),
             settle_s=SETTLE_S,
+            max_external=MAX_EXTERNAL_CORES,
+            max_retries=1,  # an HF grid takes minutes: one re-run at most
         )
         results.append(
             {
