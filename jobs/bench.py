@@ -1,7 +1,7 @@
 """Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction.
 
-    python jobs/bench.py            # full run (~10-15 min on 2 CPU cores)
-    python jobs/bench.py --quick    # smaller sizes (~5 min once compile caches are warm)
+    python jobs/bench.py            # full run (~13 min on 2 CPU cores)
+    python jobs/bench.py --quick    # smaller sizes (~4 min once vLLM's compile cache is warm)
 
 Writes OUT/bench.json and OUT/bench.md (OUT defaults to bench/) and regenerates BENCHMARKS.md
 at the repository root, keeping its hand-written interpretation section.
@@ -46,8 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--markdown",
         type=Path,
-        default=ROOT / "BENCHMARKS.md",
-        help="Markdown report to regenerate ('-' for none)",
+        default=None,
+        help="Markdown report to regenerate ('-' for none; default BENCHMARKS.md at the repo "
+        "root, except with --only, whose partial results would drop sections from it)",
     )
     p.add_argument("--models", type=Path, default=None, help="model cache (default OUT/models)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these benchmarks")
@@ -71,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings.full()
     if args.only:
         settings = with_sections(settings, args.only)
-    markdown = None if str(args.markdown) == "-" else args.markdown
+    if args.markdown is None:
+        markdown = None if args.only else ROOT / "BENCHMARKS.md"
+    else:
+        markdown = None if str(args.markdown) == "-" else args.markdown
     run_bench(settings, args.out, markdown, models_root=args.models)
     return 0
 

@@ -234,7 +234,14 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
                 f"({r['hf_best']['dtype']}, batch {r['hf_best']['batch_size']}) | "
                 f"{r['speedup']:.1f}x | {probe} |"
             )
-        noise = "".join(_noise_line(r) for r in g.get("by_prompts", [g]))
+        grids = g.get("by_prompts", [g])
+        merged = {
+            "external_cores_per_round": [
+                x for r in grids for x in (r.get("external_cores_per_round") or [])
+            ],
+            "discarded_rounds": [x for r in grids for x in (r.get("discarded_rounds") or [])],
+        }
+        noise = _noise_line(merged)
         if noise:
             out += [
                 "",
@@ -263,6 +270,9 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             "",
             "## 4. The rotation op alone",
             "",
+            "Measured in a child process with glibc's malloc pinned "
+            f"(`GLIBC_TUNABLES={ro.get('glibc_tunables', '?')}`: freed tensors up to 32 MiB "
+            "are reused instead of being unmapped and page-faulted back, as tcmalloc would do), "
             f"torch {ro['threads']} threads; each number is the median call of a block, median "
             f"of {ro['rounds']} alternating rounds. Effective bandwidth counts the floor (one "
             "read + one write of the activations); `x copy` is time / time of `h.clone()`. "
@@ -286,12 +296,13 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
         if ro.get("in_graph"):
             out += [
                 "",
-                "In graph: a compiled stack of RMSNorm sites, each followed by the rotation or "
-                "not; the difference per site is what steering one site costs inside a "
-                "compiled forward.",
+                "In graph: one compiled stack of RMSNorm sites, each followed by the rotation or "
+                "not. The extra columns are (time with rotation - time without) / sites: what "
+                "steering one site adds inside a compiled forward (already a difference, not a "
+                "total).",
                 "",
-                "| tokens | dtype | sites | RMSNorm us/site | + rotate us/site | + rotate_matmul "
-                "us/site |",
+                "| tokens | dtype | sites | RMSNorm alone, us/site | extra for `rotate`, us/site "
+                "| extra for `rotate_matmul`, us/site |",
                 "|---|---|---|---|---|---|",
             ]
             for g in ro["in_graph"]:

@@ -308,3 +308,58 @@ def measure_rotation_op(
         "cases": cases,
         "in_graph": in_graph,
     }
+
+
+# glibc returns freed blocks above its (adaptive) mmap threshold to the OS, so the next
+# allocation of that size page-faults on every page: a 4096x896 float32 output then costs
+# ~10 ms of faults, far more than the op. Whether that happens depends on the process's
+# allocation history, which differed between otherwise identical runs. The microbenchmark
+# therefore runs in a child process with the threshold pinned at glibc's maximum (32 MiB) and
+# no trimming, so tensors up to 32 MiB are reused from the heap (what tcmalloc, which vLLM
+# recommends on CPU, does anyway); bigger ones (the 32768-token case) still fault, for the
+# copy as much as for the rotation.
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+RESULT_PREFIX = "ROTSERVE_ROTATION_RESULT "
+
+
+def run_in_child(options: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """measure_rotation_op(**options) in a fresh process with pinned malloc settings."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rotserve.bench.rotation_op", json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+        else:
+            log(line)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"rotation benchmark child failed:\n{proc.stderr[-3000:]}")
+    result["glibc_tunables"] = GLIBC_TUNABLES
+    return result
+
+
+def _main(argv: Sequence[str]) -> int:
+    import json
+
+    options = json.loads(argv[0]) if argv else {}
+    options["shapes"] = [tuple(s) for s in options.get("shapes", [(4096, 896)])]
+    result = measure_rotation_op(**options, log=lambda m: print(m, flush=True))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -30,8 +30,6 @@ TARGETS: dict[str, tuple[str, float]] = {
     "distinct_angles_ratio": (">=", 0.98),
     "rotation_vs_copy": ("<=", 2.0),
 }
-# Pause before each timed engine call (see timing.alternate): > vLLM's 1 s busy-poll window.
-SETTLE_S = 1.5
 # A round during which other processes used more than this many cores is run again.
 MAX_EXTERNAL_CORES = 0.3
 TOP_LEVEL = (
@@ -46,8 +44,9 @@ TOP_LEVEL = (
 
 @dataclass
 class BenchSettings:
-    """Sizes of every benchmark. `full()` is the default run, `quick()` fits in ~5 minutes
-    on 2 cores once the compile caches are warm, `tiny()` is the test suite's smoke run."""
+    """Sizes of every benchmark. `full()` is the default run (~15 min on 2 cores),
+    `quick_settings()` (--quick) takes ~4 min once vLLM's compile cache is warm, `tiny()` is
+    the test suite's smoke run."""
 
     quick: bool = False
     model: ModelShape = QWEN25_05B
@@ -57,6 +56,9 @@ class BenchSettings:
     max_model_len: int = 512
     kv_cache_gib: int = 1
     warmup: int = 1
+    # Pause before each timed engine call (see timing.alternate): > vLLM's 1 s busy-poll window.
+    settle_s: float = 1.5
+    idle_probe_s: float = 2.0  # how long idle engines are watched for stray CPU use
     steer_requests: int = 64
     steer_tokens: int = 64
     steer_rounds: int = 7
@@ -118,6 +120,8 @@ class BenchSettings:
             grid_model=TINY,
             enforce_eager=True,
             warmup=0,
+            settle_s=0.0,
+            idle_probe_s=0.2,
             steer_requests=4,
             steer_tokens=4,
             steer_rounds=1,
@@ -208,17 +212,19 @@ def _engine_processes() -> list[dict[str, Any]]:
 
 
 def run_rotation(ctx: Context) -> None:
-    from rotserve.bench.rotation_op import measure_rotation_op
+    from rotserve.bench.rotation_op import run_in_child
 
     s = ctx.settings
-    ctx.log("rotation op vs copy")
-    res = measure_rotation_op(
-        shapes=s.rotation_shapes,
-        rounds=s.rotation_rounds,
-        compile_variants=s.rotation_compile,
-        in_graph_tokens=s.rotation_in_graph_tokens,
-        in_graph_sites=s.rotation_in_graph_sites,
-        log=ctx.log,
+    ctx.log("rotation op vs copy (child process)")
+    res = run_in_child(
+        {
+            "shapes": [list(x) for x in s.rotation_shapes],
+            "rounds": s.rotation_rounds,
+            "compile_variants": s.rotation_compile,
+            "in_graph_tokens": list(s.rotation_in_graph_tokens),
+            "in_graph_sites": s.rotation_in_graph_sites,
+        },
+        ctx.log,
     )
     head = s.rotation_shapes[0]
     cases = [c for c in res["cases"] if (c["tokens"], c["hidden"]) == head]
@@ -284,11 +290,11 @@ def _start_engines(ctx: Context, shape: ModelShape, stock: bool) -> dict[str, An
     # Engines that are alive but idle must not steal cycles from the one being timed. vLLM's
     # worker spins for 1 s after its last request, so measure after a settle pause (the
     # same pause alternate() takes before every timed call).
-    time.sleep(SETTLE_S)
+    time.sleep(s.settle_s)
     before = _children_cpu()
-    time.sleep(2.0)
+    time.sleep(s.idle_probe_s)
     after = _children_cpu()
-    idle = sum(after.get(pid, 0.0) - t for pid, t in before.items()) / 2.0 * 100
+    idle = sum(after.get(pid, 0.0) - t for pid, t in before.items()) / s.idle_probe_s * 100
     ctx.details.setdefault("engines", {}).update(
         {
             "alive_together": list(engines),
@@ -342,7 +348,7 @@ def run_steer(ctx: Context, engines: dict[str, Any]) -> None:
         s.steer_rounds,
         s.warmup,
         _round_logger(ctx, "steer"),
-        settle_s=SETTLE_S,
+        settle_s=s.settle_s,
         max_external=MAX_EXTERNAL_CORES,
         max_retries=s.steer_rounds,
     )
@@ -374,7 +380,7 @@ def run_distinct(ctx: Context, engines: dict[str, Any]) -> None:
         s.distinct_rounds,
         s.warmup,
         _round_logger(ctx, "distinct"),
-        settle_s=SETTLE_S,
+        settle_s=s.settle_s,
         max_external=MAX_EXTERNAL_CORES,
         max_retries=s.distinct_rounds,
     )
@@ -423,7 +429,7 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
             s.grid_rounds,
             warmup=0,  # both sides are warm: rotserve from earlier sections, HF from the probe
             on_round=_round_logger(ctx, "grid"),
-            settle_s=SETTLE_S,
+            settle_s=s.settle_s,
             max_external=MAX_EXTERNAL_CORES,
             max_retries=1,  # an HF grid takes minutes: one re-run at most
         )
