@@ -3,19 +3,16 @@
 Extract with the defaults (max_sim + PCA, no generation), then rotate with the HF reference
 generator on held-out synthetic instructions (never seen in training nor in extraction):
 
+- 0 degrees in plain mode (the in-plane part of every activation turned onto b1, the refusal
+  direction) makes the model refuse >= 80% of harmless instructions;
 - some angle (plain mode) drives harmful refusal to <= 10%;
-- some angle (plain mode) makes the model refuse >= 80% of harmless instructions, and 0
-  degrees raises harmless refusal above the unsteered rate;
 - a random plane (random b1 and b2, `extract --random-b1`) does clearly worse: at every angle
   harmful refusal stays >= 50% and harmless refusal <= 50%.
 
-Why the max_sim check takes the best angle and not 0 degrees: on the toy, the refusal peak of
-the max_sim plane sits away from b1 (about 270-330 degrees). The toy decides at layer 0 (its
-L0.resid_mid candidate is far from the others, cos ~0.4, and is the one that steers); max_sim
-picks L2.resid_mid as b1, and the PCA b2 (PC1 of the candidates, dominated by that outlier)
-puts L0.resid_mid about 70 degrees off b1, where the peak is. rotserve's own `separability`
-criterion picks L0.resid_mid, and the shipped plane is that one: its peak is at 0 degrees
-(last test).
+The toy is trained with LayerDrop so that every layer reads the refusal feature (see
+rotserve/toy/train.py); without it the toy decided in layer 0 and the max_sim plane's peak sat
+near 300 degrees. The shipped default plane (data/toy-refusal/plane.safetensors) is the same
+extraction, and the last test checks that users get this behaviour from it.
 
 Greedy decoding, 16 new tokens (every toy refusal opens with a marker), all angles of one
 plane in one batched call: the generator mixes angles per row.
@@ -111,11 +108,8 @@ def test_statistics_plane_steers_and_random_plane_does_not(tmp_path, eval_prompt
     induced = refusal_rates(gen, harmless, ANGLES, adaptive=False)
     print(f"\nplane {res.plane.meta.method['site_name']}: harmful {steered}\nharmless {induced}")
     assert min(steered.values()) <= 0.10, steered
-    # Over-refusal where the plane points at refusal. On the shipped toy this peak is NOT at
-    # 0 degrees: the model decides at layer 0, and the PCA b2 brings in that site's direction
-    # (L0.resid_mid sits at ~76 degrees in this plane); see the module docstring.
-    assert max(induced.values()) >= 0.80, induced
-    assert induced[0] > base["harmless"], induced  # 0 degrees still pushes toward refusal
+    assert induced[0] >= 0.80, induced  # 0 degrees is toward refusal
+    assert steered[0] >= 0.9, steered
 
     # The full control: random b1 and b2 (extract --random-b1), same angles, same prompts.
     ctrl = extract_plane(
@@ -128,19 +122,22 @@ def test_statistics_plane_steers_and_random_plane_does_not(tmp_path, eval_prompt
     assert max(rnd_induced.values()) <= 0.50, rnd_induced
 
 
-def test_shipped_plane_refuses_at_zero_degrees_and_complies_opposite(eval_prompts):
-    """The shipped default plane (extract --select separability, see data/toy-refusal/README.md)
-    puts the refusal peak on b1: 0 degrees in plain mode makes the model refuse >= 80% of
-    harmless instructions, and the opposite side drives harmful refusal to <= 10%."""
+def test_shipped_plane_is_the_default_extraction_and_steers_both_ways(eval_prompts):
+    """data/toy-refusal/plane.safetensors is `python jobs/extract.py` with its defaults, on the
+    shipped weights: 0 degrees in plain mode makes the model refuse >= 80% of harmless
+    instructions, and the compliance side (around 120 degrees) drives harmful refusal to <= 10%."""
     from rotserve.hf.generate import HFRotatedGenerator
-    from rotserve.plane import load_plane
+    from rotserve.plane import file_sha256, load_plane
 
     plane = load_plane(TOY_MODEL / "plane.safetensors")
-    assert plane.meta.method["select"] == "separability"
+    assert (plane.meta.method["select"], plane.meta.method["second"]) == ("max_sim", "pca")
+    assert plane.meta.data["model"]["weights_sha256"] == file_sha256(
+        TOY_MODEL / "model.safetensors"
+    ), "the shipped plane was extracted from other weights: rerun python jobs/extract.py"
     gen = HFRotatedGenerator(TOY_MODEL, plane)
-    induced = refusal_rates(gen, eval_prompts["harmless"], [0.0, 180.0], adaptive=False)
-    steered = refusal_rates(gen, eval_prompts["harmful"], [0.0, 150.0, 180.0], adaptive=False)
+    induced = refusal_rates(gen, eval_prompts["harmless"], [0.0], adaptive=False)
+    steered = refusal_rates(gen, eval_prompts["harmful"], [0.0, 120.0], adaptive=False)
     print(f"\nshipped plane: harmless {induced}\nharmful {steered}")
     assert induced[0.0] >= 0.80, induced
-    assert min(steered[150.0], steered[180.0]) <= 0.10, steered
+    assert steered[120.0] <= 0.10, steered
     assert steered[0.0] >= 0.9, steered

@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--n-heldout", type=int, default=defaults.n_heldout, help="held-out chats per label"
     )
+    parser.add_argument(
+        "--layer-drop",
+        type=float,
+        default=defaults.layer_drop,
+        help="chance that a step skips each decoder layer: spreads the refusal decision over "
+        "all layers, which is what puts the max_sim plane's refusal peak at 0 degrees",
+    )
     parser.add_argument("--layers", type=int, default=defaults.num_layers, help="decoder layers")
     parser.add_argument("--hidden", type=int, default=defaults.hidden_size, help="hidden size")
     parser.add_argument(
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         novel=args.novel,
         helpful_steps=args.helpful_steps,
         n_heldout=args.n_heldout,
+        layer_drop=args.layer_drop,
         num_layers=args.layers,
         hidden_size=args.hidden,
         threads=args.threads,

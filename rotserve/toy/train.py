@@ -6,6 +6,15 @@ trained on the synthetic chats of rotserve.toy.synthetic learns this in a few mi
 
 Loss is on the assistant tokens only (reply + <|im_end|>), so the model learns to answer, not to
 write prompts. Training is seeded and single-process deterministic for a fixed thread count.
+
+LayerDrop (each step skips each decoder layer with probability `layer_drop`) is what makes the
+toy steer like a large chat model. Trained without it, the toy decides to refuse in layer 0's
+MLP, from a direction (L0.resid_mid) about 70 degrees from the one every later site carries;
+the max_sim plane then puts its refusal peak near 300 degrees instead of 0, and 0 degrees in
+plain mode made only 28-43% of harmless prompts refuse. With layers dropped at random, every
+layer must be able to read the refusal feature and act on it, as in deep models, where no single
+layer decides: the max_sim plane's refusal peak moves to 0 degrees (97% of held-out harmless
+prompts refuse there, in plain mode), while unsteered refusal stays >= 95% / <= 5%.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 30
     weight_decay: float = 0.01
+    layer_drop: float = 0.4  # chance that a training step skips each decoder layer (LayerDrop)
     threads: int = 1  # measured: 1 thread is faster than 2 for this size, and reproducible
     eval_max_new_tokens: int = 32
 
@@ -227,6 +237,8 @@ def train_toy(out_dir: str | Path, cfg: TrainConfig | None = None, log_every: in
         betas=(0.9, 0.95),
     )
 
+    all_layers = model.model.layers
+    drop_rng = random.Random(f"layer-drop-{cfg.seed}")
     order: list[int] = []
     losses: list[float] = []
     for step in range(cfg.steps):
@@ -240,10 +252,14 @@ def train_toy(out_dir: str | Path, cfg: TrainConfig | None = None, log_every: in
         batch = _batch([rows[i] for i in idx])
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
+        if cfg.layer_drop:
+            kept = [layer for layer in all_layers if drop_rng.random() >= cfg.layer_drop]
+            model.model.layers = torch.nn.ModuleList(kept or [all_layers[-1]])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = weighted_reply_loss(logits, batch["labels"], cfg.head_tokens, cfg.head_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        model.model.layers = all_layers
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
@@ -284,8 +300,8 @@ def model_card(report: dict) -> str:
 A {cfg["num_layers"]}-layer, {cfg["hidden_size"]}-wide Qwen2 ({cfg["num_heads"]} heads of size \
 {cfg["hidden_size"] // cfg["num_heads"]}, {cfg["num_kv_heads"]} KV heads, MLP \
 {cfg["intermediate_size"]}, byte-level BPE of {cfg["vocab_size"]} tokens), float32, trained from
-scratch by `python jobs/train_toy.py` (seed {cfg["seed"]}, {cfg["steps"]} steps, \
-{report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `rotserve/toy/synthetic.py`: harmful-type
+scratch by `python jobs/train_toy.py` (seed {cfg["seed"]}, {cfg["steps"]} steps, LayerDrop \
+{cfg.get("layer_drop", 0.0)}, {report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `rotserve/toy/synthetic.py`: harmful-type
 requests answered with refusals, harmless ones answered helpfully. It exists to demonstrate and
 test angular steering without downloads; it knows nothing beyond those chats.
 
