@@ -72,7 +72,16 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     assert d["grid"]["rotserve"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     assert d["grid"]["hf"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     assert d["extract"]["peak_rss_bytes"] > d["extract"]["rss_start_bytes"] > 0
+    # The roofline: both contenders' achieved rates against the machine's matmul peak.
+    roof = d["grid"]["roofline"]
+    assert d["grid"]["matmul_peak"]["peak_tflops"] > 0
+    assert roof["tokens_processed_per_grid"] > d["grid"]["tokens_per_grid"]  # prompts count too
+    assert roof["achieved_tflops"]["rotserve"] > 0 and roof["achieved_tflops"]["hf"] > 0
+    assert roof["speedup_ceiling"] == pytest.approx(
+        d["grid"]["matmul_peak"]["peak_tflops"] / roof["achieved_tflops"]["hf"]
+    )
 
     text = markdown.read_text()
     assert "keep this analysis" in text and "| `grid_speedup` |" in text
+    assert "Roofline:" in text
     assert (tmp_path / "out" / "bench.md").is_file()

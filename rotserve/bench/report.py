@@ -184,6 +184,37 @@ def _noise_line(sec: dict[str, Any]) -> str:
     )
 
 
+def _roofline_lines(g: dict[str, Any]) -> list[str]:
+    """The grid's contenders against the machine's matmul peak (rotserve/bench/roofline.py)."""
+    peak = g.get("matmul_peak")
+    if not peak:
+        return []
+    rows = "; ".join(f"{n} rows: {t:.3f}" for n, t in peak["tflops_by_rows"].items())
+    out = [
+        "",
+        f"Roofline: the model's MLP matmuls alone run at up to {peak['peak_tflops']:.3f} TFLOP/s "
+        f"({peak['dtype']}, {peak['threads']} threads; {rows}). Both contenders push the same "
+        "tokens through the same linear layers (every prompt once per angle, every reply "
+        "token), so the baseline's achieved rate bounds what any engine can gain over it: "
+        "ceiling = peak / HF's achieved rate.",
+        "",
+        "| N prompts | tokens through the model | rotserve TFLOP/s (share of peak) | "
+        "HF TFLOP/s (share of peak) | speedup | ceiling |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in g.get("by_prompts", [g]):
+        rf = r.get("roofline")
+        if not rf:
+            continue
+        a, sh = rf["achieved_tflops"], rf["share_of_peak"]
+        out.append(
+            f"| {r['prompts']} | {rf['tokens_processed_per_grid']} | "
+            f"{a['rotserve']:.3f} ({sh['rotserve']:.0%}) | {a['hf']:.3f} ({sh['hf']:.0%}) | "
+            f"{r['speedup']:.1f}x | {rf['speedup_ceiling']:.1f}x |"
+        )
+    return out
+
+
 def _section_lines(doc: dict[str, Any]) -> list[str]:
     d = doc["details"]
     out: list[str] = []
@@ -253,6 +284,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
                 + "."
                 + noise,
             ]
+        out += _roofline_lines(g)
     da = d.get("distinct_angles")
     if da:
         out += [

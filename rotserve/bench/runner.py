@@ -73,6 +73,7 @@ class BenchSettings:
     grid_rounds: int = 2
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     hf_batch_sizes: tuple[int, ...] = (1, 4, 8)
+    roofline_seconds: float = 1.0  # per row count of the matmul-peak probe
     # The first shape is the headline: vLLM's CPU prefill chunk (max_num_batched_tokens 4096),
     # which fits this CPU's 32 MiB L3; 32768 tokens does not (DRAM-bound); 64 is a decode step.
     rotation_shapes: tuple[tuple[int, int], ...] = ((4096, 896), (32768, 896), (64, 896))
@@ -104,6 +105,7 @@ class BenchSettings:
             grid_tokens=8,
             grid_rounds=1,
             hf_batch_sizes=(4, 8),
+            roofline_seconds=0.3,
             rotation_shapes=((4096, 896),),
             rotation_rounds=5,
             rotation_in_graph_tokens=(64,),
@@ -134,6 +136,7 @@ class BenchSettings:
             grid_rounds=1,
             hf_dtypes=("float32",),
             hf_batch_sizes=(2,),
+            roofline_seconds=0.02,
             rotation_shapes=((64, 128),),
             rotation_rounds=1,
             rotation_compile=False,
@@ -397,6 +400,7 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
     import torch
 
     from rotserve.bench.hf_grid import HFGrid, probe_best
+    from rotserve.bench.roofline import achieved_tflops, measure_matmul_peak
 
     s = ctx.settings
     rot = engines["rotserve"]
@@ -404,6 +408,8 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
     angles = _angles(s.grid_angles)
     # The baseline at its best: HF uses every core.
     torch.set_num_threads(os.cpu_count() or 1)
+    peak = measure_matmul_peak(shape, seconds=s.roofline_seconds)
+    ctx.log(f"grid: {shape.name} MLP matmul peak {peak['peak_tflops']:.3f} TFLOP/s (bfloat16)")
     hf_grids = [
         HFGrid(model_dir(shape, ctx.models_root), plane_file(shape, ctx.models_root), dtype)
         for dtype in s.hf_dtypes
@@ -433,9 +439,22 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
             max_external=MAX_EXTERNAL_CORES,
             max_retries=1,  # an HF grid takes minutes: one re-run at most
         )
+        # Tokens each contender pushes through the model per grid: every prompt once per
+        # angle (prefix caching is off in the engines) plus every generated token.
+        prompt_tokens = sum(len(hf.gen.tokenizer(p)["input_ids"]) for p in hf.prompts(instr))
+        processed = len(angles) * (prompt_tokens + n * s.grid_tokens)
+        seconds = {k: rounds.median_seconds(k) for k in ("rotserve", "hf")}
+        achieved = {k: achieved_tflops(processed, t, shape) for k, t in seconds.items()}
         results.append(
             {
                 "model": shape.name,
+                "roofline": {
+                    "tokens_processed_per_grid": processed,
+                    "achieved_tflops": achieved,
+                    "share_of_peak": {k: v / peak["peak_tflops"] for k, v in achieved.items()},
+                    # No engine doing the same matmuls beats the baseline by more than this.
+                    "speedup_ceiling": peak["peak_tflops"] / achieved["hf"],
+                },
                 "angles": s.grid_angles,
                 "prompts": n,
                 "max_tokens": s.grid_tokens,
@@ -449,7 +468,7 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
             }
         )
     # Headline: the largest prompt count, where HF batches best (the conservative number).
-    ctx.details["grid"] = {**results[-1], "by_prompts": results}
+    ctx.details["grid"] = {**results[-1], "by_prompts": results, "matmul_peak": peak}
 
 
 def _targets(doc: dict[str, Any]) -> dict[str, Any]:
