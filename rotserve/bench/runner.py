@@ -492,6 +492,7 @@ def run_bench(
     """Run the selected sections, write out_dir/bench.json (+ markdown), return the JSON."""
     from rotserve.bench.engines import set_engine_env
     from rotserve.bench.report import render_markdown, write_markdown
+    from rotserve.extract import display_path
 
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -564,7 +565,7 @@ def run_bench(
                     else {}
                 ),
             },
-            "json_path": str(out_dir / "bench.json"),
+            "json_path": display_path(out_dir / "bench.json"),
             "details": d,
         }
     )
