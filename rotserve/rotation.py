@@ -116,6 +116,11 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     while the matmul form costs two GEMM calls plus two elementwise passes per site.
     Inactive and masked-out tokens come back bit-identical (a select, not an add of zero,
     so -0.0 and NaN survive too).
+
+    The per-token scalars are stacked into one [N, 3] tensor on purpose: used three times, it
+    is materialised once per token by Inductor. Left as three separate expressions, each was
+    inlined into the output loop and recomputed (a sqrt and ~25 scalar ops) for every
+    32-element chunk of every row, which made the op 2x slower on CPU (BENCHMARKS.md §4).
     """
     x = h.float()
     b1, b2 = basis[0], basis[1]
@@ -133,8 +138,9 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     leaning = (p1 > 0).to(x.dtype)
     mask = table[:, ACTIVE] * (1.0 - table[:, ADAPTIVE] * (1.0 - leaning))
 
-    out = (x + (t1 - p1)[:, None] * b1 + (t2 - p2)[:, None] * b2).to(h.dtype)
-    return torch.where(mask[:, None] > 0, out, h)
+    coef = torch.stack([t1 - p1, t2 - p2, mask], dim=-1)  # [N, 3] per-token scalars
+    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
+    return torch.where(coef[:, 2:3] > 0, out, h)
 
 
 def rotate_to(
