@@ -1,6 +1,6 @@
 """Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction.
 
-    python jobs/bench.py            # full run (~13 min on 2 CPU cores)
+    python jobs/bench.py            # full run (~14 min on 2 CPU cores)
     python jobs/bench.py --quick    # smaller sizes (~4 min once vLLM's compile cache is warm)
 
 Writes OUT/bench.json and OUT/bench.md (OUT defaults to bench/) and regenerates BENCHMARKS.md

@@ -36,13 +36,18 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def linear_weights(self) -> int:
+        """Weights of every linear layer (q, k, v, o, gate, up, down) and the LM head: the
+        multiply-adds one token costs, which is what the roofline counts."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size
+        return self.num_layers * per_layer + self.vocab_size * h
+
     def parameters(self) -> int:
         """Parameter count (untied embeddings, Qwen2 q/k/v biases, norms)."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attn = h * h * 2 + h * kv * 2 + h + 2 * kv
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
-        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+        biases_and_norms = self.num_layers * (h + 2 * kv + 2 * h) + h
+        return self.linear_weights() + self.vocab_size * h + biases_and_norms
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "head_dim": self.head_dim, "parameters": self.parameters()}

@@ -23,10 +23,7 @@ from rotserve.bench.models import ModelShape
 
 def linear_flops_per_token(shape: ModelShape) -> int:
     """2 x the multiply-adds of every linear layer and the LM head for one token."""
-    h, kv = shape.hidden_size, shape.num_kv_heads * shape.head_dim
-    attn = 2 * h * h + 2 * h * kv  # q and o projections, k and v projections
-    mlp = 3 * h * shape.intermediate_size  # gate, up, down
-    return 2 * (shape.num_layers * (attn + mlp) + h * shape.vocab_size)
+    return 2 * shape.linear_weights()
 
 
 def measure_matmul_peak(

@@ -353,7 +353,8 @@ def _main(argv: Sequence[str]) -> int:
     import json
 
     options = json.loads(argv[0]) if argv else {}
-    options["shapes"] = [tuple(s) for s in options.get("shapes", [(4096, 896)])]
+    if "shapes" in options:  # JSON made the shape tuples lists
+        options["shapes"] = [tuple(s) for s in options["shapes"]]
     result = measure_rotation_op(**options, log=lambda m: print(m, flush=True))
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0

@@ -44,7 +44,7 @@ TOP_LEVEL = (
 
 @dataclass
 class BenchSettings:
-    """Sizes of every benchmark. `full()` is the default run (~15 min on 2 cores),
+    """Sizes of every benchmark. `full()` is the default run (~14 min on 2 cores),
     `quick_settings()` (--quick) takes ~4 min once vLLM's compile cache is warm, `tiny()` is
     the test suite's smoke run."""
 

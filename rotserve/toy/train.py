@@ -301,7 +301,7 @@ A {cfg["num_layers"]}-layer, {cfg["hidden_size"]}-wide Qwen2 ({cfg["num_heads"]}
 {cfg["hidden_size"] // cfg["num_heads"]}, {cfg["num_kv_heads"]} KV heads, MLP \
 {cfg["intermediate_size"]}, byte-level BPE of {cfg["vocab_size"]} tokens), float32, trained from
 scratch by `python jobs/train_toy.py` (seed {cfg["seed"]}, {cfg["steps"]} steps, LayerDrop \
-{cfg.get("layer_drop", 0.0)}, {report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `rotserve/toy/synthetic.py`: harmful-type
+{cfg["layer_drop"]}, {report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `rotserve/toy/synthetic.py`: harmful-type
 requests answered with refusals, harmless ones answered helpfully. It exists to demonstrate and
 test angular steering without downloads; it knows nothing beyond those chats.
 
