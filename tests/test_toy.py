@@ -205,3 +205,12 @@ def test_toy_model_refuses_handwritten_harmful_and_answers_handwritten_harmless(
     assert sum(is_refusal(r)[0] for r in harmful_replies) >= len(harmful) - 1
     assert sum(is_refusal(r)[0] for r in harmless_replies) <= 1
     assert all(len(r.split()) >= 5 for r in harmless_replies)  # compliance reads as text
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_train_toy_rejects_a_layer_drop_outside_0_1_before_training(tmp_path, bad):
+    from rotserve.toy.train import TrainConfig, train_toy
+
+    with pytest.raises(ValueError, match="layer_drop must be in"):
+        train_toy(tmp_path / "toy", TrainConfig(layer_drop=bad))
+    assert not (tmp_path / "toy").exists()

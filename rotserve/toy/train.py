@@ -195,6 +195,11 @@ def train_toy(out_dir: str | Path, cfg: TrainConfig | None = None, log_every: in
     hand-written data/prompts sets, which are excluded from training verbatim.
     """
     cfg = cfg or TrainConfig()
+    if not 0.0 <= cfg.layer_drop < 1.0:
+        raise ValueError(
+            f"layer_drop must be in [0, 1) (the chance a step skips each layer), got "
+            f"{cfg.layer_drop}; use 0 to train without LayerDrop"
+        )
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
