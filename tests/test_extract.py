@@ -23,7 +23,7 @@ from rotserve.extract.candidates import (
     cohens_d,
     select_first_axis,
 )
-from rotserve.extract.cli import build_parser, main
+from rotserve.extract.cli import build_parser, config_from_args, main
 from rotserve.hf.generate import load_hf_model
 from rotserve.hf.sites import UnsupportedArchitectureError
 from rotserve.plane import load_plane
@@ -326,6 +326,17 @@ def test_help_documents_every_option():
         assert word in text, word
     args = parser.parse_args([])
     assert args.model.endswith("data/toy-refusal") and args.select == "max_sim"
+
+
+def test_cli_defaults_are_the_config_defaults(monkeypatch, tmp_path):
+    """No flags means ExtractConfig(): one copy of the defaults, data paths read at call time."""
+    monkeypatch.setenv("ROTSERVE_DATA_DIR", str(tmp_path))
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg == ExtractConfig()
+    assert cfg.model == str(tmp_path / "toy-refusal")
+    assert cfg.harmful == str(tmp_path / "prompts" / "harmful.jsonl")
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap the long path
+    assert f"(default: {tmp_path / 'toy-refusal'})" in build_parser().format_help()
 
 
 def test_statistics_helpers():

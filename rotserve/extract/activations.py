@@ -68,7 +68,7 @@ class ActivationReader:
         self.chat_template = chat_template
         self.progress = progress
         # Left padding puts every prompt's last token at position -1; right padding would read
-        # pads there and change which layer wins (REFERENCE.md §1.1).
+        # pads there and change which layer wins.
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -297,7 +297,8 @@ def select_first_axis(
 ) -> FirstAxis:
     """b1 by statistics alone: no generation.
 
-    max_sim       the candidate with the highest mean cosine to the others (the reference's pick).
+    max_sim       the candidate with the highest mean cosine to the others (the choice of the
+                  original angular steering method).
     max_norm      the candidate with the longest r_i, excluding the final site (the last
                   layer's output feeds only the unembedding: its difference is about the
                   next token, not the concept).

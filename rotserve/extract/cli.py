@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rotserve.extract import DEFAULT_MODEL, ExtractConfig, extract_plane
 from rotserve.extract.activations import POSITIONS
 from rotserve.extract.candidates import AUROC_TIE, SECOND_METHODS, SELECT_METHODS
-from rotserve.prompts import DEFAULT_PROMPTS
+from rotserve.extract.config import ExtractConfig
+from rotserve.extract.pipeline import extract_plane
 
 DESCRIPTION = """\
 Choose the refusal direction b1 and the steering plane (b1, b2) from statistics of the model's
@@ -24,7 +24,8 @@ sets in data/prompts.
 
 EPILOG = f"""\
 --select (b1):
-  max_sim       the candidate with the highest mean cosine to all candidates (the reference)
+  max_sim       the candidate with the highest mean cosine to all candidates (the choice of
+                the original angular steering method)
   max_norm      the candidate with the largest ||r||, excluding the final site
   mean          the normalised mean of all candidates
   separability  hold out --holdout of each class (seeded by --seed), compute the candidates on
@@ -42,7 +43,8 @@ EPILOG = f"""\
                 pass over the prompts); b2 = PC1
   last-pcs      replaces the plane by that of the last two meaningful principal components of
                 the candidates (b1 = the direction of that plane closest to the --select
-                choice); an experiment: the reference reports it does not steer
+                choice); an experiment: the authors of angular steering report that this
+                plane does not steer
 --random-b1 makes b1 random too (with b2 random): the full control.
 
 Output: OUT (.safetensors with b1, b2 and all metadata), and beside it
@@ -52,35 +54,38 @@ Cohen's d, cosine with b1, chosen) and OUT_STEM.candidates.png (the evidence fig
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The `rotserve extract` flags; every default is ExtractConfig's (read when called)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=_Formatter,
     )
+    # One copy of the defaults: the dataclass's. Made here, not at import, so the embedded
+    # paths follow a ROTSERVE_DATA_DIR set after import.
     d = ExtractConfig()
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model id or local directory")
+    io.add_argument("--model", default=d.model, help="HF model id or local directory")
     io.add_argument(
         "--harmful",
-        default=str(DEFAULT_PROMPTS["harmful"]),
+        default=d.harmful,
         help="instructions the model should refuse (.jsonl/.json/.csv/.parquet/.txt)",
     )
     io.add_argument(
         "--harmless",
-        default=str(DEFAULT_PROMPTS["harmless"]),
+        default=d.harmless,
         help="instructions the model should answer (same formats)",
     )
     io.add_argument(
         "--column",
-        default=None,
+        default=d.column,
         help="instruction column of the prompt files (default: the first of instruction, goal, "
         "prompt, ... found)",
     )
     io.add_argument(
         "--limit",
         type=int,
-        default=None,
+        default=d.limit,
         help="use only the first N prompts of each file (default: all)",
     )
     io.add_argument(
@@ -89,7 +94,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     io.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
     io.add_argument(
         "--chat-template",
-        default=None,
+        default=d.chat_template,
         metavar="FILE",
         help="Jinja chat template file, for models whose tokenizer has none (default: the tokenizer's)",
     )
@@ -101,15 +106,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     m.add_argument(
         "--second",
         choices=SECOND_METHODS,
-        default=None,
-        help="how b2 is chosen (default: pca; random with --random-b1)",
+        default=None,  # None: the config's default, or random under --random-b1
+        help=f"how b2 is chosen (default: {d.second}; random with --random-b1)",
     )
     m.add_argument(
-        "--random-b1", action="store_true", help="random b1 and b2 (seeded): the full control"
+        "--random-b1",
+        action="store_true",
+        default=d.random_b1,
+        help="random b1 and b2 (seeded): the full control",
     )
     m.add_argument(
         "--layers",
-        default=None,
+        default=d.layers,
         metavar="A:B",
         help="restrict the candidates to these layers (python slice 'a:b' or list 'a,b,c'); "
         "statistics are still reported for every site (default: all layers)",
@@ -147,6 +155,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument(
         "--trust-remote-code",
         action="store_true",
+        default=d.trust_remote_code,
         help="allow the model repository's own Python code (off by default: it runs arbitrary code)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -169,6 +178,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    """The ExtractConfig the parsed flags describe (flags that negate a field: --no-figure,
+    --quiet; --second left out: the config's default, random under --random-b1)."""
     return ExtractConfig(
         model=args.model,
         harmful=args.harmful,
@@ -177,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         limit=args.limit,
         out=args.out,
         select=args.select,
-        second=args.second or ("random" if args.random_b1 else "pca"),
+        second=args.second or ("random" if args.random_b1 else ExtractConfig().second),
         random_b1=args.random_b1,
         layers=args.layers,
         positions=args.positions,
@@ -194,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one extraction from the command line; exit status 2 with one line for bad inputs."""
     args = build_parser(prog).parse_args(argv)
     from rotserve.extract.candidates import ExtractionError
     from rotserve.hf.sites import UnsupportedArchitectureError

@@ -1,0 +1,281 @@
+"""The extraction itself: the passes over the prompts, b1 and b2, the plane and its header.
+
+Passes over the prompts (forward passes of the base model only, batched, left padded):
+
+1. calibration split -> running class sums -> calibration candidates;
+2. held-out split    -> each prompt's cosine with its site's calibration candidate (scalars:
+                        the separability evidence) and the held-out class sums;
+   calibration + held-out sums -> the candidates the plane is built from (all prompts);
+3. only for --second per-sample: every prompt again, streamed into an IncrementalPCA.
+
+So memory is O(sites x hidden) plus O(held-out prompts x sites) scalars, never O(prompts x
+hidden). The statistics are in candidates.py; this module only orders the passes and
+assembles what they give.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rotserve.extract.activations import ActivationReader
+from rotserve.extract.candidates import (
+    HARMFUL,
+    LABELS,
+    Candidates,
+    CandidateStat,
+    ClassSums,
+    ExtractionError,
+    HeldOutScores,
+    PerSamplePCA,
+    SecondAxis,
+    Site,
+    candidate_table,
+    last_pcs_plane,
+    random_unit,
+    second_pca,
+    second_random,
+    select_first_axis,
+    window_indices,
+)
+from rotserve.extract.config import ExtractConfig
+from rotserve.extract.inputs import (
+    as_prompt,
+    check_counts,
+    load_prompt_files,
+    provenance,
+    read_chat_template,
+)
+from rotserve.extract.outputs import display_path, write_outputs
+from rotserve.extract.result import ExtractionResult
+from rotserve.hf.sites import parse_layers
+from rotserve.plane import Plane, PlaneMeta
+from rotserve.prompts import Prompt, prompts_sha256
+
+Splits = dict[str, tuple[list[Prompt], list[Prompt]]]  # label -> (calibration, held-out)
+
+
+def extract_plane(config: ExtractConfig | None = None, **overrides: Any) -> ExtractionResult:
+    """Load the model and prompt files named in config, extract, write the files.
+
+    overrides set config fields by name (extract_plane(model=..., out=...)); a Path becomes
+    its string, as the CLI would pass it.
+    """
+    from rotserve.hf.generate import load_hf_model
+
+    cfg = config or ExtractConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown extraction option {k!r}")
+        setattr(cfg, k, str(v) if isinstance(v, Path) else v)
+    cfg.validate()
+    # Prompt files and template first: a typo fails in a second, not after loading a model.
+    prompts = load_prompt_files(cfg)
+    template = read_chat_template(cfg.chat_template)
+    model, tokenizer = load_hf_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    return extract_from_loaded(model, tokenizer, prompts, cfg, template, provenance(cfg, prompts))
+
+
+def split_prompts(
+    prompts: Sequence[Prompt], holdout: float, seed: int
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(calibration, held-out), a seeded random split keeping at least one prompt on each side."""
+    if holdout <= 0:
+        return list(prompts), []
+    n = len(prompts)
+    n_hold = min(max(int(round(holdout * n)), 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    held = set(perm[:n_hold].tolist())
+    return (
+        [p for i, p in enumerate(prompts) if i not in held],
+        [p for i, p in enumerate(prompts) if i in held],
+    )
+
+
+def extract_from_loaded(
+    model: Any,
+    tokenizer: Any,
+    prompts: dict[str, Sequence[Prompt]] | dict[str, Sequence[str]],
+    config: ExtractConfig | None = None,
+    chat_template: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> ExtractionResult:
+    """Extract from an already loaded model; prompts maps harmful/harmless to instructions.
+
+    config.out None writes nothing (the result still holds the plane and the table). data is
+    the provenance recorded in the plane's header (see inputs.provenance); prompt hashes and
+    counts are filled in whatever it holds.
+    """
+    cfg = config or ExtractConfig()
+    cfg.validate()
+    plist = {
+        label: [as_prompt(p, label, i) for i, p in enumerate(prompts[label])] for label in LABELS
+    }
+    check_counts(plist, {label: label for label in LABELS})
+    reader = ActivationReader(
+        model, tokenizer, cfg.positions, cfg.batch_size, chat_template, cfg.progress
+    )
+    reader.chat_texts([plist[HARMFUL][0].instruction])  # no template: fail before any forward
+    sites = reader.sites
+    n_layers = len(reader.layers)
+    try:
+        window = window_indices(sites, parse_layers(cfg.layers, n_layers))
+    except ValueError as e:
+        raise ExtractionError(f"--layers: {e}") from None
+
+    splits = {label: split_prompts(plist[label], cfg.holdout, cfg.seed) for label in LABELS}
+    cands, aurocs, ds = _class_statistics(reader, splits, cfg.holdout)
+    table = candidate_table(sites, cands, window, aurocs, ds)
+
+    if cfg.random_b1:
+        b1, chosen, reason = random_unit(reader.hidden, cfg.seed), None, "random (control)"
+    else:
+        first = select_first_axis(cfg.select, table, cands, window)
+        b1, chosen, reason = first.b1, first.index, first.reason
+    second = _second_axis(cfg, reader, plist, cands, window, b1)
+    if cfg.second == "last-pcs":
+        # The plane replaced b1: the --select choice only orients it (see last_pcs_plane).
+        reason += (
+            f"; b1 = its projection onto the last-two-PC plane (cos {float(second.b1 @ b1):.3f})"
+        )
+    # Under last-pcs no site's candidate is b1, so no row is marked chosen.
+    _place_in_plane(table, cands, second, None if cfg.second == "last-pcs" else chosen)
+
+    # from_pretrained records the id or path it was given; a model built in memory has none.
+    model_name = display_path(getattr(model.config, "_name_or_path", "") or str(cfg.model))
+    meta = PlaneMeta(
+        model=model_name,
+        hidden_size=reader.hidden,
+        method=_method_record(cfg, sites, window, chosen, n_layers, reason, second),
+        candidates=[row.as_dict() for row in table],
+        data=_data_record(data, plist, splits),
+    )
+    plane = Plane(second.b1, second.b2, meta)
+    result = ExtractionResult(
+        plane, table, sites, cands, cfg, chosen, reason=reason, second_info=second.info
+    )
+    if cfg.out:
+        result.paths = write_outputs(result, Path(cfg.out), figure=cfg.figure)
+    return result
+
+
+def _class_statistics(
+    reader: ActivationReader, splits: Splits, holdout: float
+) -> tuple[Candidates, list[float] | None, list[float] | None]:
+    """Passes 1 and 2: (candidates from all prompts, held-out AUROC and Cohen's d per site).
+
+    The held-out statistics score the calibration candidates on prompts they were not
+    computed from (None without a held-out split); the plane then uses every prompt.
+    """
+    n_sites, hidden = len(reader.sites), reader.hidden
+
+    def texts(label: str, part: int) -> list[str]:
+        return [p.instruction for p in splits[label][part]]
+
+    # Pass 1: calibration sums.
+    cal = ClassSums(n_sites, hidden)
+    for label in LABELS:
+        for acts in reader.batches(texts(label, 0), f"{label} calibration"):
+            cal.update(acts, label)
+    if holdout <= 0:
+        return cal.candidates(), None, None
+
+    # Pass 2: held-out projections on the calibration candidates, plus the held-out sums.
+    held_sums = ClassSums(n_sites, hidden)
+    scores = HeldOutScores(cal.candidates().d)
+    for label in LABELS:
+        for acts in reader.batches(texts(label, 1), f"{label} held-out"):
+            scores.update(acts, label)
+            held_sums.update(acts, label)
+    aurocs, ds = scores.stats()
+    return cal.merged(held_sums).candidates(), aurocs, ds
+
+
+def _second_axis(
+    cfg: ExtractConfig,
+    reader: ActivationReader,
+    plist: dict[str, list[Prompt]],
+    cands: Candidates,
+    window: Sequence[int],
+    b1: torch.Tensor,
+) -> SecondAxis:
+    """b2 by cfg.second; per-sample runs pass 3 over every prompt."""
+    if cfg.second == "random":
+        return second_random(b1, cfg.seed)
+    if cfg.second == "pca":
+        return second_pca(cands.d, window, b1)
+    if cfg.second == "last-pcs":
+        return last_pcs_plane(cands.d, window, b1)
+    # per-sample: pass 3, streamed into IncrementalPCA; memory is one chunk of rows x hidden
+    # floats whatever the number of prompts.
+    ps = PerSamplePCA(b1, cands.means, window, chunk_rows=max(256, 4 * len(window)))
+    for label in LABELS:
+        for acts in reader.batches([p.instruction for p in plist[label]], f"{label} per-sample"):
+            ps.update(acts, label)
+    return ps.finish()
+
+
+def _place_in_plane(
+    table: Sequence[CandidateStat], cands: Candidates, second: SecondAxis, chosen: int | None
+) -> None:
+    """Fill each row's cosines with the final b1 and b2, its angle in the plane, `chosen`."""
+    for i, row in enumerate(table):
+        row.cos_b1 = float(cands.d[i] @ second.b1)
+        row.cos_b2 = float(cands.d[i] @ second.b2)
+        # Where the candidate points inside the plane: a refusal peak away from 0 degrees in
+        # a sweep often sits at the angle of some candidate (e.g. an early-layer outlier).
+        row.plane_angle = round(math.degrees(math.atan2(row.cos_b2, row.cos_b1)), 3) % 360.0
+        row.chosen = i == chosen
+
+
+def _method_record(
+    cfg: ExtractConfig,
+    sites: Sequence[Site],
+    window: Sequence[int],
+    chosen: int | None,
+    n_layers: int,
+    reason: str,
+    second: SecondAxis,
+) -> dict[str, Any]:
+    """The plane header's `method`: every choice, and which site b1 came from."""
+    site = sites[chosen] if chosen is not None else None
+    return {
+        "select": None if cfg.random_b1 else cfg.select,
+        "second": cfg.second,
+        "random_b1": cfg.random_b1,
+        "site": site.kind if site else None,
+        "site_name": site.name if site else None,
+        "layer": site.layer if site else None,
+        "num_layers": n_layers,
+        "positions": cfg.positions,
+        "layers": cfg.layers,
+        "window": [sites[i].name for i in window],
+        "holdout": cfg.holdout,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "reason": reason,
+        "second_info": second.info,
+        "chat_template": cfg.chat_template,
+    }
+
+
+def _data_record(
+    data: dict[str, Any] | None, plist: dict[str, list[Prompt]], splits: Splits
+) -> dict[str, Any]:
+    """The plane header's `data`: the caller's provenance plus counts and prompt hashes."""
+    data = dict(data or {})
+    for label in LABELS:
+        entry = dict(data.get(label, {}))
+        entry.setdefault("prompts_sha256", prompts_sha256(plist[label]))
+        entry.update(
+            count=len(plist[label]),
+            calibration=len(splits[label][0]),
+            heldout=len(splits[label][1]),
+        )
+        data[label] = entry
+    return data

@@ -1,0 +1,38 @@
+"""Where rotserve's embedded defaults live: defined once, all of it under one data folder.
+
+The toy refusal model, its plane and the team's instruction sets ship in the repository's
+`data/` folder. An installed wheel (the Docker image) has no such folder next to it: point
+`ROTSERVE_DATA_DIR` at a copy. The variable is read when a path is asked for, not at import,
+so a test or a long-lived process that sets it later is honoured too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "ROTSERVE_DATA_DIR"
+PLANE_FILENAME = "plane.safetensors"  # the plane a model directory ships, used when none is given
+TOY_MODEL_NAME = "toy-refusal"
+PROMPT_SETS = ("harmful", "harmless")
+
+
+def data_dir() -> Path:
+    """The folder holding the embedded defaults: $ROTSERVE_DATA_DIR, else the checkout's data/."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+def toy_model_dir() -> Path:
+    """The embedded toy refusal model (a 4-layer Qwen2), the default model of every command."""
+    return data_dir() / TOY_MODEL_NAME
+
+
+def toy_plane() -> Path:
+    """The toy model's shipped plane (the extractor's defaults on the shipped prompt sets)."""
+    return toy_model_dir() / PLANE_FILENAME
+
+
+def default_prompts() -> dict[str, Path]:
+    """The shipped instruction sets, by dataset label: {"harmful": ..., "harmless": ...}."""
+    return {label: data_dir() / "prompts" / f"{label}.jsonl" for label in PROMPT_SETS}
