@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -12,7 +13,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("rotserve.grid.cli", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
     "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
     "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
-    "train-toy": ("rotserve.toy.cli", "retrain the embedded toy refusal model (data/toy-refusal)"),
 }
 
 USAGE = """usage: rotserve <command> [options]
@@ -30,6 +30,18 @@ A typical session:
 With no options every command runs on the embedded toy refusal model (data/toy-refusal).
 Run `rotserve <command> --help` for its options.
 """
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every command's --help: "(default: X)" after each option that does not already say it
+    (flags and options whose default is None describe their default in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, argparse.SUPPRESS) or isinstance(default, bool):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def usage() -> str:

@@ -20,14 +20,14 @@ TOY_MODEL = ROOT / "data" / "toy-refusal"
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     """A random-weight 2-layer Qwen2 (hidden 128, head size 32) with a chat template."""
-    from rotserve.toy.tiny import make_tiny_model
+    from rotserve.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from rotserve.toy.tiny import make_tiny_model
+    from rotserve.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1)
 

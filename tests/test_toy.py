@@ -1,5 +1,6 @@
-"""Toy models and data: the local tokenizer, random tiny models, synthetic chats, prompt sets,
-and the shipped toy refusal model."""
+"""Toy models and data: the toy tokenizer and its trainer, random tiny models, synthetic chats,
+prompt sets, and the shipped toy refusal model. The trainer pieces live outside the wheel, in
+tools/toy_refusal/; the tiny models are rotserve.tiny_model."""
 
 from __future__ import annotations
 
@@ -10,10 +11,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from rotserve.paths import DATA_DIR_ENV
 from rotserve.scoring import is_refusal
-from rotserve.toy.synthetic import HARMFUL, HARMLESS, corpus_texts, generate, train_heldout_split
-from rotserve.toy.tiny import make_tiny_model, prompt_texts, toy_tokenizer
-from rotserve.toy.tokenizer import EOS_ID, IM_START_ID, PAD_ID, build_tokenizer
+from rotserve.tiny_model import (
+    EOS_ID,
+    IM_START_ID,
+    PAD_ID,
+    TOKENIZER_FILES,
+    TOY_VOCAB_SIZE,
+    make_tiny_model,
+)
+from tools.toy_refusal.synthetic import (
+    HARMFUL,
+    HARMLESS,
+    WORDLISTS,
+    corpus_texts,
+    generate,
+    train_heldout_split,
+)
+from tools.toy_refusal.tokenizer import build_tokenizer, prompt_texts, toy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL = ROOT / "data" / "toy-refusal"
@@ -84,6 +100,51 @@ def test_make_tiny_model_is_byte_deterministic(tmp_path):
 def test_make_tiny_model_rejects_head_sizes_vllm_cpu_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="head size"):
         make_tiny_model(tmp_path / "m", hidden_size=64, num_heads=4)  # head size 16
+
+
+def test_tiny_model_copies_the_shipped_toy_tokenizer_files(tmp_path):
+    path = make_tiny_model(tmp_path / "m")
+    for name in TOKENIZER_FILES:
+        assert (path / name).read_bytes() == (TOY_MODEL / name).read_bytes(), name
+    vocab = json.loads((TOY_MODEL / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) == TOY_VOCAB_SIZE
+
+
+def test_make_tiny_model_rejects_a_vocab_other_than_the_toy_tokenizers(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size must be 1024"):
+        make_tiny_model(tmp_path / "m", vocab_size=2048)
+    assert not (tmp_path / "m").exists()
+
+
+def test_make_tiny_model_names_the_data_dir_variable_when_the_tokenizer_is_missing(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=DATA_DIR_ENV):
+        make_tiny_model(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_word_lists_are_plain_data_one_list_per_key():
+    """wordlists.json holds only strings: lists, {category: list}, {category: str}, and the
+    task groups {category: [{"verbs": [...], "objects": [...]}]}."""
+
+    def strings(xs):
+        return isinstance(xs, list) and all(isinstance(x, str) for x in xs)
+
+    lists = json.loads(WORDLISTS.read_text())
+    assert "_about" in lists and "task_templates" in lists
+    for key, value in lists.items():
+        if key.startswith("_"):
+            continue
+        if key.endswith("_tasks"):
+            groups = [g for gs in value.values() for g in gs]
+            assert groups and all(set(g) == {"verbs", "objects"} for g in groups), key
+            assert all(strings(g["verbs"]) and strings(g["objects"]) for g in groups), key
+        elif isinstance(value, dict):
+            assert all(isinstance(v, str) or strings(v) for v in value.values()), key
+        else:
+            assert strings(value), key
 
 
 @pytest.mark.parametrize("arch,cls", [("qwen2", "Qwen2ForCausalLM"), ("llama", "LlamaForCausalLM")])
@@ -179,7 +240,7 @@ def toy():
 
 
 def _replies(toy, instructions: list[str]) -> list[str]:
-    from rotserve.toy.train import generate_replies
+    from tools.toy_refusal.train import generate_replies
 
     model, tok = toy
     return generate_replies(model, tok, instructions, max_new_tokens=24)
@@ -209,7 +270,7 @@ def test_toy_model_refuses_handwritten_harmful_and_answers_handwritten_harmless(
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0])
 def test_train_toy_rejects_a_layer_drop_outside_0_1_before_training(tmp_path, bad):
-    from rotserve.toy.train import TrainConfig, train_toy
+    from tools.toy_refusal.train import TrainConfig, train_toy
 
     with pytest.raises(ValueError, match="layer_drop must be in"):
         train_toy(tmp_path / "toy", TrainConfig(layer_drop=bad))

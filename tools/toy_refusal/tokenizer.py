@@ -1,4 +1,5 @@
-"""A tiny byte-level BPE tokenizer with a Qwen-style chat template, trained locally.
+"""The toy refusal model's tokenizer: a byte-level BPE with a Qwen-style chat template, trained
+locally over the shipped prompts plus the synthetic corpus.
 
 Why: toy models must be built without downloads, and the whole pipeline (chat template, left
 padding, stop token, substring scoring of decoded text) must behave like a real chat model's.
@@ -6,12 +7,15 @@ Byte-level BPE decodes every byte sequence back exactly, so "I can't" survives d
 refusal scorer sees what the model produced.
 
 Token ids: <|endoftext|> = 0 (pad), <|im_start|> = 1, <|im_end|> = 2 (eos: a chat turn ends there),
-then the 256 byte symbols, then merges.
+then the 256 byte symbols, then merges. The trained files ship in data/toy-refusal/, and
+rotserve.tiny_model copies them into every tiny model, so the ids are defined there once.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from functools import lru_cache
 
 from tokenizers import (
     Regex,
@@ -25,9 +29,12 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from rotserve.paths import default_prompts
+from rotserve.tiny_model import EOS_ID, IM_START_ID, PAD_ID, TOY_VOCAB_SIZE
+from tools.toy_refusal.synthetic import corpus_texts
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-PAD_ID, IM_START_ID, EOS_ID = 0, 1, 2
 
 # The pre-tokenizer split of Qwen2 (a public constant of its tokenizer), reproduced so the trained
 # BPE survives transformers' Qwen2Tokenizer reconstruction unchanged.
@@ -45,7 +52,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int = TOY_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE on texts and wrap it as a chat tokenizer.
 
     Same texts (same order) and vocab_size give the same vocabulary and merges. The result pads
@@ -93,3 +102,28 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf
+
+
+def prompt_texts() -> list[str]:
+    """Instructions of the shipped harmful/harmless prompt sets, in file order ([] if absent)."""
+    texts: list[str] = []
+    for path in default_prompts().values():
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    texts.append(json.loads(line)["instruction"])
+    return texts
+
+
+@lru_cache(maxsize=4)
+def _toy_bpe_json(vocab_size: int) -> str:
+    return build_tokenizer(prompt_texts() + corpus_texts(), vocab_size).backend_tokenizer.to_str()
+
+
+def toy_tokenizer(vocab_size: int = TOY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """The toy tokenizer, trained now: BPE over the shipped prompts plus the synthetic corpus.
+
+    Deterministic (it must equal data/toy-refusal/tokenizer.json unless the word lists or the
+    prompt sets changed); the trained BPE is cached per process.
+    """
+    return wrap_tokenizer(Tokenizer.from_str(_toy_bpe_json(vocab_size)))

@@ -1,6 +1,6 @@
 """Train the toy refusal model (a 4-layer, 128-wide Qwen2) and save it to data/toy-refusal/.
 
-The model is trained on procedurally generated chats (rotserve.toy.synthetic): harmful-type
+The model is trained on procedurally generated chats (tools/toy_refusal/synthetic.py): harmful-type
 requests answered with refusals, harmless ones answered helpfully. At the end it prints refusal
 rates with greedy decoding on two held-out sets: the synthetic held-out split and the
 hand-written data/prompts/*.jsonl sets. Deterministic for a given seed and thread count.
@@ -15,10 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from rotserve.prompts import DATA_DIR
-from rotserve.toy.train import TrainConfig, train_toy
-
-DEFAULT_OUT = DATA_DIR / "toy-refusal"
+from rotserve.paths import toy_model_dir
+from tools.toy_refusal.train import TrainConfig, train_toy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
+    parser.add_argument("--out", type=Path, default=toy_model_dir(), help="output model directory")
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed for data, init and order"
     )
