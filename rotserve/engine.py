@@ -1,10 +1,12 @@
 """RotServeEngine: one vLLM engine, one plane, a different rotation angle per prompt.
 
     with RotServeEngine("Qwen/Qwen2.5-7B-Instruct", "plane.safetensors", dtype="bfloat16") as eng:
-        rows = eng.generate(["How do I pick a lock?"] * 3, angles=[None, 90.0, 210.0])
+        for c in eng.generate(["How do I pick a lock?"] * 3, angles=[None, 90.0, 210.0]):
+            print(c.angle, c.generation)
 
-Everything is checked before the (slow) engine start: the architecture has a rotated variant,
-the plane loads and matches the model's hidden size, layers are in range. Then the angle of
+Everything is checked before the (slow) engine start, by the one set-up path the server and
+the grid use too (rotserve.steering.prepare_steering): the architecture has a rotated
+variant, the plane loads and matches the model's hidden size, layers and sites exist. Then the angle of
 every prompt is validated and cast to a plain float before it crosses into the engine
 process (numpy scalars do not survive vLLM's inter-process serialisation), and each steered
 prompt gets a prefix-cache salt per (plane, angle, mode), so KV computed under one rotation
@@ -15,20 +17,39 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotserve.plane import Plane, load_plane
+from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
+from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
 from rotserve.vllm_plugin.config import (
-    DEFAULT_SITES,
-    TRACKER_FQCN,
-    EngineSteering,
     RequestSteering,
     RotServeConfigError,
     parse_request,
-    rotated_architecture,
 )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One completion of one instruction under one steering (n > 1: one per sample)."""
+
+    instruction: str
+    prompt: str  # what the model was given (the chat template applied, unless chat=False)
+    angle: float | None  # degrees; None = unsteered
+    adaptive: bool
+    mode: str  # absolute | relative
+    sample: int  # 0..n-1
+    generation: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str | None
+    logprobs: tuple[float, ...] | None = None  # of each generated token, when asked for
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class RotServeEngine:
@@ -44,36 +65,15 @@ class RotServeEngine:
         enable_prefix_caching: bool = True,
         **llm_kwargs: Any,
     ) -> None:
-        from transformers import AutoConfig
-
         self.model = str(model)
-        hf_config = AutoConfig.from_pretrained(self.model, trust_remote_code=False)
-        text_config = hf_config.get_text_config()
-        self.plane: Plane | None = None
-        self.settings: EngineSteering | None = None
+        self.setup: SteeringSetup | None = None
         hf_overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         logits_processors = list(llm_kwargs.pop("logits_processors", None) or [])
-
         if plane is not None:
-            architecture = rotated_architecture((hf_config.architectures or ["?"])[0])
-            self.plane = load_plane(plane)
-            self.plane.check_hidden_size(text_config.hidden_size, model=self.model)
-            self.settings = EngineSteering(
-                plane=Path(plane).expanduser().resolve(),
-                layers=tuple(layers) if layers is not None else None,
-                sites=tuple(sites) if sites is not None else DEFAULT_SITES,
-            )
-            self.settings.chosen_layers(text_config.num_hidden_layers)  # range check
-            unknown_sites = sorted(set(self.settings.sites) - set(DEFAULT_SITES))
-            if unknown_sites:
-                raise RotServeConfigError(
-                    f"unknown steering site(s) {unknown_sites} for {architecture}; "
-                    f"choose from {', '.join(DEFAULT_SITES)}"
-                )
-            hf_overrides["architectures"] = [architecture]
-            hf_overrides["rotserve"] = self.settings.to_dict()
-            if not _tracker_installed(logits_processors):
-                logits_processors.append(TRACKER_FQCN)
+            info = ModelInfo.from_pretrained(self.model, llm_kwargs.get("revision"))
+            self.setup = prepare_steering(self.model, plane, layers=layers, sites=sites, info=info)
+            hf_overrides = self.setup.hf_overrides(hf_overrides)
+            logits_processors = self.setup.logits_processors(logits_processors)
         elif layers is not None or sites is not None:
             raise RotServeConfigError("layers/sites given but no plane: nothing to steer")
 
@@ -89,6 +89,10 @@ class RotServeEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
+    @property
+    def plane(self) -> Plane | None:
+        return self.setup.plane if self.setup is not None else None
+
     # -- generation ------------------------------------------------------------------------
 
     def generate(
@@ -96,19 +100,25 @@ class RotServeEngine:
         instructions: Sequence[str],
         angles: Sequence[float | None],
         adaptive: bool | Sequence[bool] = False,
+        *,
         max_tokens: int = 256,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int | None = None,
         n: int = 1,
         chat: bool = True,
         mode: str = "absolute",
         logprobs: bool = False,
-    ) -> list[dict[str, Any]]:
-        """One angle per instruction (None = unsteered); one record per completion.
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """One angle per instruction (None = unsteered); one Completion per sample.
 
-        Records come in instruction order (with n > 1, the n samples of an instruction are
-        consecutive, numbered by "sample"). `chat=True` applies the tokenizer's chat template
-        (one user turn, generation prompt added); `chat=False` sends instructions verbatim.
+        Completions come in instruction order (with n > 1, the n samples of an instruction
+        are consecutive, numbered by `sample`). `chat=True` applies the tokenizer's chat
+        template (one user turn, generation prompt added); `chat=False` sends instructions
+        verbatim. `ignore_eos` and `min_tokens` force lengths (benchmarks need equal work).
         """
         from vllm import SamplingParams
 
@@ -139,7 +149,11 @@ class RotServeEngine:
                 SamplingParams(
                     n=n,
                     temperature=temperature,
+                    top_p=top_p,
                     max_tokens=max_tokens,
+                    min_tokens=min_tokens,
+                    ignore_eos=ignore_eos,
+                    stop=list(stop) if stop else None,
                     seed=seed,
                     logprobs=0 if logprobs else None,
                     extra_args=steering.as_extra_args() if steering.active else None,
@@ -147,28 +161,27 @@ class RotServeEngine:
             )
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
 
-        records = []
-        for text, prompt, steering, flag, out in zip(
-            instructions, prompts, steerings, flags, outputs, strict=True
+        completions = []
+        for text, prompt, steering, out in zip(
+            instructions, prompts, steerings, outputs, strict=True
         ):
             for j, comp in enumerate(out.outputs):
-                records.append(
-                    {
-                        "instruction": text,
-                        "prompt": prompt["prompt"],
-                        "angle": steering.angle,
-                        "adaptive": bool(flag),
-                        "mode": steering.mode,
-                        "sample": j,
-                        "generation": comp.text,
-                        "token_ids": list(comp.token_ids),
-                        "prompt_tokens": len(out.prompt_token_ids or []),
-                        "output_tokens": len(comp.token_ids),
-                        "finish_reason": comp.finish_reason,
-                        "logprobs": _chosen_logprobs(comp) if logprobs else None,
-                    }
+                completions.append(
+                    Completion(
+                        instruction=text,
+                        prompt=prompt["prompt"],
+                        angle=steering.angle,
+                        adaptive=steering.adaptive,
+                        mode=steering.mode,
+                        sample=j,
+                        generation=comp.text,
+                        token_ids=tuple(comp.token_ids),
+                        prompt_tokens=len(out.prompt_token_ids or []),
+                        finish_reason=comp.finish_reason,
+                        logprobs=_chosen_logprobs(comp) if logprobs else None,
+                    )
                 )
-        return records
+        return completions
 
     def _steering(self, angle: Any, adaptive: Any, mode: str, index: int) -> RequestSteering:
         if angle is not None and self.plane is None:
@@ -205,19 +218,8 @@ def _is_flag(value: Any) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def _chosen_logprobs(completion: Any) -> list[float]:
-    return [
+def _chosen_logprobs(completion: Any) -> tuple[float, ...]:
+    return tuple(
         step[token].logprob
         for step, token in zip(completion.logprobs or [], completion.token_ids, strict=False)
-    ]
-
-
-def _tracker_installed(listed: Sequence[Any]) -> bool:
-    """Already loaded by the user's list or by a `vllm.logits_processors` entry point?"""
-    from importlib.metadata import entry_points
-
-    names = [p for p in listed if isinstance(p, str)]
-    names += [ep.value for ep in entry_points(group="vllm.logits_processors")]
-    return any(name.replace(".tracker:", ":") == TRACKER_FQCN for name in names) or any(
-        getattr(p, "__name__", "") == "RotServeBatchTracker" for p in listed
     )

@@ -22,46 +22,16 @@ compiles once and runs under CUDA graphs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-# Columns of the per-token steering table: one row per token, built once per step.
+# Columns of the per-token steering table [N, 5] float32, one row per token:
+#   COS, SIN   the target angle θ (absolute mode) or the turn (relative mode);
+#   ACTIVE     1 to steer this token, 0 to leave it bit-identical;
+#   ADAPTIVE   1 to steer only where h·b1 > 0 (the token already leans toward refusal);
+#   RELATIVE   1 for "rotate by θ", 0 for "rotate to θ".
 COS, SIN, ACTIVE, ADAPTIVE, RELATIVE = range(5)
 TABLE_WIDTH = 5
-
-
-@dataclass(frozen=True)
-class TokenAngles:
-    """Per-token steering parameters, each shaped [N] (float32 unless stated).
-
-    cos, sin:  the target angle θ (absolute mode) or the turn (relative mode).
-    active:    1 to steer this token, 0 to leave it bit-identical.
-    adaptive:  1 to steer only where h·b1 > 0 (the token already leans toward refusal).
-    relative:  1 for "rotate by θ", 0 for "rotate to θ".
-    """
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    active: torch.Tensor
-    adaptive: torch.Tensor
-    relative: torch.Tensor
-
-    @classmethod
-    def from_degrees(
-        cls,
-        degrees: list[float | None] | torch.Tensor,
-        adaptive: bool | list[bool] = False,
-        relative: bool | list[bool] = False,
-        device: torch.device | str | None = None,
-    ) -> TokenAngles:
-        """One entry per token; None (or NaN) means "do not steer this token"."""
-        return table_to_angles(
-            angle_table(degrees, adaptive=adaptive, relative=relative, device=device)
-        )
-
-    def table(self) -> torch.Tensor:
-        return torch.stack([self.cos, self.sin, self.active, self.adaptive, self.relative], 1)
 
 
 def angle_table(
@@ -90,10 +60,6 @@ def angle_table(
     table[:, ADAPTIVE] = _per_token_flag(adaptive, n)
     table[:, RELATIVE] = _per_token_flag(relative, n)
     return table.to(device=device, dtype=torch.float32)
-
-
-def table_to_angles(table: torch.Tensor) -> TokenAngles:
-    return TokenAngles(*(table[:, i] for i in range(TABLE_WIDTH)))
 
 
 def _per_token_flag(flag: bool | list[bool], n: int) -> torch.Tensor:

@@ -15,61 +15,49 @@ import os
 import sys
 from pathlib import Path
 
-from rotserve.prompts import DATA_DIR
-
-DEFAULT_MODEL = DATA_DIR / "toy-refusal"
-DEFAULT_PLANE = DEFAULT_MODEL / "plane.safetensors"
+from rotserve.cli import DefaultsFormatter
+from rotserve.paths import toy_model_dir, toy_plane
+from rotserve.vllm_plugin.config import DEFAULT_SITES
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
         epilog="Arguments after `--` go to `vllm serve` unchanged, e.g. `-- --tensor-parallel-size 2`.",
     )
     p.add_argument(
-        "--model", default=str(DEFAULT_MODEL), help="HF id or local path (default: the toy model)"
+        "--model", default=str(toy_model_dir()), help="HF id or local path (the toy model)"
     )
-    p.add_argument(
-        "--plane", default=str(DEFAULT_PLANE), help="plane .safetensors (default: the toy plane)"
-    )
+    p.add_argument("--plane", default=str(toy_plane()), help="plane .safetensors (the toy plane)")
     p.add_argument(
         "--layers", default=None, help="comma-separated layer indices to steer (default: all)"
     )
     p.add_argument(
         "--sites",
-        default="input_layernorm,post_attention_layernorm",
-        help="norm outputs to rotate (default: both, as in the method)",
+        default=",".join(DEFAULT_SITES),
+        help="norm outputs to rotate (both, as in the method)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--dtype", default="auto", help="vLLM dtype (default: auto)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=8000, help="port")
+    p.add_argument("--dtype", default="auto", help="vLLM dtype")
     p.add_argument("--dry-run", action="store_true", help="print the vllm serve command and exit")
     return p
 
 
 def serve_command(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
-    from transformers import AutoConfig
+    """The `vllm serve` argv, after the same checks every engine start makes."""
+    from rotserve.steering import prepare_steering
 
-    from rotserve.plane import load_plane
-    from rotserve.vllm_plugin.config import TRACKER_FQCN, EngineSteering, rotated_architecture
-
-    config = AutoConfig.from_pretrained(args.model).get_text_config()
-    architecture = rotated_architecture(
-        (AutoConfig.from_pretrained(args.model).architectures or ["?"])[0]
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    setup = prepare_steering(
+        args.model, args.plane, layers=layers, sites=[s for s in args.sites.split(",") if s]
     )
-    load_plane(args.plane, hidden_size=config.hidden_size)
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    steering = EngineSteering(
-        plane=Path(args.plane), layers=layers, sites=tuple(args.sites.split(","))
-    )
-    steering.chosen_layers(config.num_hidden_layers)
-    overrides = {"architectures": [architecture], "rotserve": steering.to_dict()}
     return [
         *vllm_serve_argv(args.model),
         "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
-        "--hf-overrides", json.dumps(overrides),
-        "--logits-processors", TRACKER_FQCN,
+        "--hf-overrides", json.dumps(setup.hf_overrides()),
+        "--logits-processors", *setup.logits_processors(),
         *passthrough,
     ]  # fmt: skip
 
@@ -93,6 +81,10 @@ def vllm_serve_argv(model: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
 
 
+class _Formatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the module docstring kept as written."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     passthrough: list[str] = []
@@ -100,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
-    cmd = serve_command(args, passthrough)
+    from rotserve.plane import PlaneError
+    from rotserve.vllm_plugin.config import RotServeConfigError
+
+    try:
+        cmd = serve_command(args, passthrough)
+    except (PlaneError, RotServeConfigError) as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(json.dumps(cmd))
         return 0

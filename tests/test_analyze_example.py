@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rotserve.grid import SCHEMA
+from rotserve.rundir import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("duckdb")

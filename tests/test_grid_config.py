@@ -21,7 +21,8 @@ from rotserve.grid.config import (
     parse_prompt_set,
     resolve,
 )
-from rotserve.grid.store import MANIFEST, RunDirError, RunStore
+from rotserve.grid.store import RunStore
+from rotserve.rundir import MANIFEST, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -10,19 +11,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from run_checks import expect_unique_keys
 
+from rotserve.engine import Completion
 from rotserve.grid.config import PromptSet
 from rotserve.grid.plan import conditions, make_plan
-from rotserve.grid.runner import RowContext, shard_rows
-from rotserve.grid.store import (
-    SCHEMA,
-    RunDirError,
-    RunStore,
-    expect_unique_keys,
-    read_rows,
-    to_table,
-)
+from rotserve.grid.runner import GridRunError, RowContext, shard_rows
+from rotserve.grid.store import RunStore
 from rotserve.prompts import Prompt
+from rotserve.rundir import SCHEMA, RunDirError, read_rows, to_table
 
 CTX = RowContext(
     run_id="r1", model="/m", plane_id="p1", max_tokens=8, temperature=0.0, seed=0, samples=2
@@ -41,16 +38,18 @@ def fake_records(units, n=2):
         for k in range(n):
             refuse = u.condition.angle == 0.0
             out.append(
-                {
-                    "instruction": u.instruction,
-                    "prompt": f"<u>{u.instruction}</u>",
-                    "angle": u.condition.angle,
-                    "adaptive": u.condition.adaptive,
-                    "generation": "I'm sorry, I can't." if refuse else f"Sure: step {k}.",
-                    "prompt_tokens": 5,
-                    "output_tokens": 4,
-                    "finish_reason": "stop",
-                }
+                Completion(
+                    instruction=u.instruction,
+                    prompt=f"<u>{u.instruction}</u>",
+                    angle=u.condition.angle,
+                    adaptive=u.condition.adaptive,
+                    mode="absolute",
+                    sample=k,
+                    generation="I'm sorry, I can't." if refuse else f"Sure: step {k}.",
+                    token_ids=(7, 8, 9, 2),
+                    prompt_tokens=5,
+                    finish_reason="stop",
+                )
             )
     return out
 
@@ -77,14 +76,30 @@ def test_rows_have_the_schema_and_scores():
     assert all(0.0 <= r["fluency"] <= 1.0 for r in rows)
 
 
-def test_mismatched_engine_records_fail_loudly():
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        {"instruction": "another prompt"},
+        {"angle": 123.0},
+        {"adaptive": True},
+        {"sample": 1},
+    ],
+    ids=lambda w: next(iter(w)),
+)
+def test_a_completion_paired_with_the_wrong_unit_fails_loudly(wrong):
+    """Every field that identifies a row is checked: a reordering never mislabels rows."""
     shard = small_plan().shards[0]
     recs = fake_records(shard.units)
-    recs[0], recs[2] = recs[2], recs[0]
-    with pytest.raises(Exception, match="expected"):
+    assert not recs[0].adaptive and recs[0].sample == 0  # so each change below is a change
+    recs[0] = dataclasses.replace(recs[0], **wrong)
+    with pytest.raises(GridRunError, match="expected"):
         shard_rows(shard.units, recs, CTX)
-    with pytest.raises(Exception, match="records"):
-        shard_rows(shard.units, recs[:-1], CTX)
+
+
+def test_a_missing_completion_fails_loudly():
+    shard = small_plan().shards[0]
+    with pytest.raises(GridRunError, match="completions for"):
+        shard_rows(shard.units, fake_records(shard.units)[:-1], CTX)
 
 
 def test_parts_are_atomic_and_resume_sees_them(tmp_path):

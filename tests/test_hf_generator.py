@@ -32,7 +32,7 @@ def test_no_angle_is_the_unhooked_model(gen, prompts):
         **enc, max_new_tokens=12, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id
     )
     for g, row in zip(steered, plain[:, enc["input_ids"].shape[1] :], strict=True):
-        assert g.token_ids == row.tolist()[: len(g.token_ids)]
+        assert list(g.token_ids) == row.tolist()[: len(g.token_ids)]
 
 
 def test_a_batch_mixing_angles_equals_each_prompt_alone(gen, prompts):

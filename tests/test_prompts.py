@@ -1,6 +1,7 @@
 """Prompt loading: every common format, column guessing, and errors that name file and line."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from rotserve.prompts import (
     load_prompts,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# Public instruction sets (AdvBench, HarmBench, ...) are not shipped; point this at a folder
+# of them to check that every file loads.
+PUBLIC = os.environ.get("ROTSERVE_PUBLIC_DATASETS")
+PUBLIC_DIR = Path(PUBLIC) if PUBLIC else None
 ROWS = [
     {"id": "a", "instruction": "Write a poem about tea.", "category": "writing"},
     {"id": "b", "instruction": "Explain how tides work.", "category": "science"},
@@ -113,13 +117,17 @@ def test_the_chat_template_makes_one_user_turn_with_the_generation_prompt():
         chat_prompt(NoTemplate(), "hi")
 
 
-SHARED_FILES = sorted(
-    p for p in SHARED.rglob("*") if p.suffix in {".csv", ".json", ".jsonl", ".txt"}
+PUBLIC_FILES = sorted(
+    p
+    for p in (PUBLIC_DIR.rglob("*") if PUBLIC_DIR and PUBLIC_DIR.is_dir() else [])
+    if p.suffix in {".csv", ".json", ".jsonl", ".txt"}
 )
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/datasets is not on this machine")
-@pytest.mark.parametrize("path", SHARED_FILES, ids=lambda p: str(p.relative_to(SHARED)))
+@pytest.mark.skipif(
+    not PUBLIC_FILES, reason="set ROTSERVE_PUBLIC_DATASETS to a folder of public prompt sets"
+)
+@pytest.mark.parametrize("path", PUBLIC_FILES, ids=lambda p: p.name)
 def test_every_public_dataset_in_shared_loads(path):
     if path.name.startswith(("LICENSE", "SOURCES")):
         pytest.skip("not a prompt file")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rotserve.grid.store import RunStore, to_table
+from rotserve.grid.store import RunStore
 from rotserve.report import make_report, summarize
 from rotserve.report.cli import main
 from rotserve.report.summary import refusal_arcs
+from rotserve.rundir import to_table
 
 
 def row(ds: str, angle: float | None, adaptive: bool, refused: bool, i: int) -> dict:

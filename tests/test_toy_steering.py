@@ -10,7 +10,7 @@ generator on held-out synthetic instructions (never seen in training nor in extr
   harmful refusal stays >= 50% and harmless refusal <= 50%.
 
 The toy is trained with LayerDrop so that every layer reads the refusal feature (see
-rotserve/toy/train.py); without it the toy decided in layer 0 and the max_sim plane's peak sat
+tools/toy_refusal/train.py); without it the toy decided in layer 0 and the max_sim plane's peak sat
 near 300 degrees. The shipped default plane (data/toy-refusal/plane.safetensors) is the same
 extraction, and the last test checks that users get this behaviour from it.
 
@@ -74,7 +74,7 @@ def refusal_rates(
 def eval_prompts():
     from rotserve.hf.generate import load_hf_model
     from rotserve.prompts import chat_prompt
-    from rotserve.toy.synthetic import HARMFUL, HARMLESS, generate
+    from tools.toy_refusal.synthetic import HARMFUL, HARMLESS, generate
 
     _, tok = load_hf_model(TOY_MODEL)
     examples = generate(N_EVAL, split="heldout", seed=1)
@@ -122,10 +122,25 @@ def test_statistics_plane_steers_and_random_plane_does_not(tmp_path, eval_prompt
     assert max(rnd_induced.values()) <= 0.50, rnd_induced
 
 
+def compliance_arc(rates: dict[float, float], threshold: float) -> list[float]:
+    """The angles where harmful refusal is at most threshold, checked to be ONE arc of the
+    circle (contiguous on the 30-degree grid, wrapping at 360)."""
+    low = [a for a in ANGLES if rates[a] <= threshold]
+    if not low:
+        return []
+    steps = len(ANGLES)
+    idx = [ANGLES.index(a) for a in low]
+    gaps = sum(1 for i in idx if (i + 1) % steps not in idx)
+    assert gaps == 1 or len(low) == steps, f"refusal <= {threshold} at {low}: not one arc"
+    return low
+
+
 def test_shipped_plane_is_the_default_extraction_and_steers_both_ways(eval_prompts):
     """data/toy-refusal/plane.safetensors is `python jobs/extract.py` with its defaults, on the
-    shipped weights: 0 degrees in plain mode makes the model refuse >= 80% of harmless
-    instructions, and the compliance side (around 120 degrees) drives harmful refusal to <= 10%."""
+    shipped weights, and it shapes the whole circle as the method describes (plain mode, every
+    30 degrees): around 0 degrees the model refuses (>= 80% of harmless instructions at 0, >= 90%
+    of harmful ones at 330, 0 and 30), and on the far side there is one arc of at least two grid
+    angles, inside 60..300 degrees, where harmful refusal drops to <= 10%."""
     from rotserve.hf.generate import HFRotatedGenerator
     from rotserve.plane import file_sha256, load_plane
 
@@ -136,8 +151,9 @@ def test_shipped_plane_is_the_default_extraction_and_steers_both_ways(eval_promp
     ), "the shipped plane was extracted from other weights: rerun python jobs/extract.py"
     gen = HFRotatedGenerator(TOY_MODEL, plane)
     induced = refusal_rates(gen, eval_prompts["harmless"], [0.0], adaptive=False)
-    steered = refusal_rates(gen, eval_prompts["harmful"], [0.0, 120.0], adaptive=False)
+    steered = refusal_rates(gen, eval_prompts["harmful"], ANGLES, adaptive=False)
     print(f"\nshipped plane: harmless {induced}\nharmful {steered}")
     assert induced[0.0] >= 0.80, induced
-    assert steered[120.0] <= 0.10, steered
-    assert steered[0.0] >= 0.9, steered
+    assert min(steered[a] for a in (330, 0, 30)) >= 0.9, steered
+    arc = compliance_arc(steered, 0.10)
+    assert len(arc) >= 2 and all(60 <= a <= 300 for a in arc), (arc, steered)

@@ -28,22 +28,16 @@ from vllm_fixtures import (
 require_vllm()
 
 from rotserve.plane import Plane, PlaneError, orthonormal_plane  # noqa: E402
-from rotserve.rotation import angle_table, rotate  # noqa: E402
+from rotserve.rotation import angle_table  # noqa: E402
 from rotserve.vllm_plugin.config import (  # noqa: E402
     TRACKER_FQCN,
-    EngineSteering,
-    RequestSteering,
     RequestSteeringError,
     RotServeConfigError,
     UnsupportedArchitectureError,
-    parse_request,
-    rotated_architecture,
 )
 from rotserve.vllm_plugin.state import (  # noqa: E402
-    RequestRows,
     RotationState,
     identity_rows,
-    token_slots,
 )
 
 ANGLES = (0.0, 90.0, 210.0, 300.0)
@@ -53,83 +47,7 @@ NEW_TOKENS = 40
 LOGPROB_TOL = 1e-4
 
 
-# -- request and engine settings ---------------------------------------------------------------
-
-
-def test_parse_request_accepts_both_forms_and_numpy():
-    assert parse_request(None) == RequestSteering()
-    assert parse_request({"other_plugin": 1}) == RequestSteering()  # not ours: ignored
-    assert parse_request({"rotserve": {"angle": None}}).angle is None
-    nested = parse_request({"rotserve": {"angle": 90, "adaptive": True, "mode": "relative"}})
-    flat = parse_request(
-        {"rotserve_angle": 90.0, "rotserve_adaptive": 1, "rotserve_mode": "relative"}
-    )
-    assert nested == flat == RequestSteering(90.0, True, "relative")
-    for value in (np.float32(210), np.float64(210), np.int64(210)):
-        steering = parse_request({"rotserve": {"angle": value, "adaptive": np.bool_(True)}})
-        assert steering.angle == 210.0 and type(steering.angle) is float
-        assert steering.adaptive is True
-    # The canonical form is plain Python all the way down (safe for msgspec between processes).
-    assert parse_request(nested.as_extra_args()) == nested
-    assert json.loads(json.dumps(nested.as_extra_args())) == nested.as_extra_args()
-
-
-@pytest.mark.parametrize(
-    ("extra_args", "needle"),
-    [
-        ({"rotserve": {"angle": "ninety"}}, "must be a number"),
-        ({"rotserve": {"angle": True}}, "must be a number"),
-        ({"rotserve": {"angle": math.nan}}, "finite"),
-        (
-            {"rotserve": {"angel": 90}},
-            "unknown rotserve argument(s) extra_args['rotserve']['angel']",
-        ),
-        ({"rotserve_angle": 90, "rotserve_foo": 1}, "unknown rotserve argument(s) rotserve_foo"),
-        ({"rotserve": {"angle": 90}, "rotserve_angle": 90}, "not both"),
-        ({"rotserve": 90}, "must be a mapping"),
-        ({"rotserve": {"angle": 90, "mode": "sideways"}}, "absolute, relative"),
-        ({"rotserve": {"angle": 90, "adaptive": "maybe"}}, "must be a boolean"),
-    ],
-)
-def test_parse_request_rejects_bad_values(extra_args, needle):
-    with pytest.raises(RequestSteeringError) as err:
-        parse_request(extra_args)
-    assert needle in str(err.value)
-
-
-def test_validator_refuses_numpy_scalars_with_a_clear_message():
-    # vLLM cannot serialise numpy scalars between its processes (and 0.32's LLM.generate then
-    # waits forever for the lost request), so the add-request validator refuses them.
-    with pytest.raises(RequestSteeringError, match=r"float\(angle\)"):
-        parse_request({"rotserve": {"angle": np.float32(90)}}, plain_types_only=True)
-    assert parse_request({"rotserve": {"angle": 90.0}}, plain_types_only=True).angle == 90.0
-
-
-def test_engine_steering_settings():
-    with pytest.raises(RotServeConfigError, match="hf_overrides"):
-        EngineSteering.from_hf_config(SimpleNamespace(), "RotServeQwen2ForCausalLM")
-    with pytest.raises(RotServeConfigError, match="unknown key"):
-        EngineSteering.from_dict({"plane": "/p.safetensors", "layer": [1]})
-    with pytest.raises(RotServeConfigError, match="path of a .safetensors"):
-        EngineSteering.from_dict({"plane": None})
-    with pytest.raises(RotServeConfigError, match="non-empty list"):
-        EngineSteering.from_dict({"plane": "/p.safetensors", "layers": []})
-    s = EngineSteering.from_dict({"plane": "/p.safetensors", "layers": [0, -1], "sites": None})
-    assert s.chosen_layers(4) == [0, 3]
-    assert s.sites == ("input_layernorm", "post_attention_layernorm")
-    assert EngineSteering.from_dict({"plane": "/p.safetensors"}).chosen_layers(3) == [0, 1, 2]
-    with pytest.raises(RotServeConfigError, match="out of range"):
-        EngineSteering.from_dict({"plane": "/p", "layers": [4]}).chosen_layers(4)
-    assert EngineSteering.from_dict(s.to_dict()) == s
-
-
-def test_rotated_architectures():
-    assert rotated_architecture("Qwen2ForCausalLM") == "RotServeQwen2ForCausalLM"
-    assert rotated_architecture("LlamaForCausalLM") == "RotServeLlamaForCausalLM"
-    assert rotated_architecture("MistralForCausalLM") == "RotServeMistralForCausalLM"
-    assert rotated_architecture("Qwen3ForCausalLM") == "RotServeQwen3ForCausalLM"
-    with pytest.raises(UnsupportedArchitectureError, match="Gemma2ForCausalLM.*supported"):
-        rotated_architecture("Gemma2ForCausalLM")
+# -- engine-side registration ---------------------------------------------------------------
 
 
 def test_plugin_registers_every_rotated_architecture():
@@ -142,52 +60,13 @@ def test_plugin_registers_every_rotated_architecture():
     assert set(ROTATED_ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
 
 
-# -- token -> request mapping, tracker, rotation state -----------------------------------------
-
-
-def test_token_slots_follow_query_start_loc():
-    # Batch: a 3-token prefill, a 1-token decode, a request padded to 0 tokens, a 2-token
-    # chunk; then 2 padding tokens. Slots are not batch positions (V2's idx_mapping).
-    qsl = torch.tensor([0, 3, 4, 4, 6], dtype=torch.int32)
-    slot_of_request = torch.tensor([7, 2, 5, 0])
-    slots = token_slots(qsl, 8, identity_slot=9, slot_of_request=slot_of_request)
-    assert slots.tolist() == [7, 7, 7, 2, 0, 0, 9, 9]
-    # V1: the batch position is the slot.
-    assert token_slots(qsl, 8, identity_slot=9).tolist() == [0, 0, 0, 1, 3, 3, 9, 9]
-    # Explicit padding mask (V2 dummy batches are all padding).
-    padding = torch.tensor([False] * 4 + [True] * 4)
-    assert token_slots(qsl, 8, 9, slot_of_request, padding).tolist() == [7, 7, 7, 2] + [9] * 4
-    assert token_slots(torch.tensor([0]), 3, 9).tolist() == [9, 9, 9]
-
-
 def _basis(hidden: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     b1, b2 = orthonormal_plane(torch.randn(hidden, generator=g), torch.randn(hidden, generator=g))
     return torch.stack([b1, b2])
 
 
-def test_rotation_state_equals_rotate_per_token():
-    basis = _basis()
-    state = RotationState(basis, max_num_tokens=32)
-    rows = RequestRows(capacity=4, device="cpu")
-    steerings = [RequestSteering(90.0), RequestSteering(), RequestSteering(210.0, adaptive=True)]
-    for slot, steering in enumerate(steerings):
-        rows.set(slot, steering)
-    qsl = torch.tensor([0, 5, 6, 9])  # 5 + 1 + 3 tokens, then 3 padding
-    state.fill(rows, qsl, 12)
-    h = torch.randn(12, 16)
-    expected_table = angle_table(
-        [90.0] * 5 + [None] + [210.0] * 3 + [None] * 3,
-        adaptive=[False] * 6 + [True] * 3 + [False] * 3,
-    )
-    assert torch.equal(state.token_table[:12], expected_table)
-    out = state(h)
-    assert torch.equal(out, rotate(h, basis, expected_table))
-    # Unsteered and padding tokens come back bit-identical.
-    assert torch.equal(out[5], h[5]) and torch.equal(out[9:], h[9:])
-    assert not torch.allclose(out[:5], h[:5])
-    state.set_identity()
-    assert torch.equal(state(h), h)
+# -- tracker ----------------------------------------------------------------------------------
 
 
 def _tracker(max_num_seqs: int = 8):
@@ -415,13 +294,13 @@ def test_parity_with_hf_generator_in_one_mixed_batch(engine, hf_qwen2):
     for (text, angle, adaptive), prompt, rec in zip(cases, prompts, records, strict=True):
         ref = hf_qwen2.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=NEW_TOKENS)[0]
         label = f"{text!r} angle={angle} adaptive={adaptive}"
-        assert rec["prompt"] == prompt
-        assert rec["token_ids"] == ref.token_ids, label
-        assert rec["output_tokens"] == len(ref.token_ids)
-        assert max_abs_diff(rec["logprobs"], ref.logprobs) < LOGPROB_TOL, label
+        assert rec.prompt == prompt
+        assert rec.token_ids == ref.token_ids, label
+        assert rec.output_tokens == len(ref.token_ids)
+        assert max_abs_diff(rec.logprobs, ref.logprobs) < LOGPROB_TOL, label
     # The angles must actually steer: not every row may equal the unsteered one.
-    unsteered = {r["instruction"]: r["token_ids"] for r in records if r["angle"] is None}
-    changed = sum(r["token_ids"] != unsteered[r["instruction"]] for r in records)
+    unsteered = {r.instruction: r.token_ids for r in records if r.angle is None}
+    changed = sum(r.token_ids != unsteered[r.instruction] for r in records)
     assert changed >= len(cases) // 2
 
 
@@ -434,13 +313,13 @@ def test_mixed_batch_equals_one_by_one(engine):
         alone = engine.generate(
             [texts[i]], [angles[i]], adaptive=adaptive[i], max_tokens=24, logprobs=True
         )[0]
-        assert rec["token_ids"] == alone["token_ids"], f"row {i} angle {angles[i]}"
-        assert max_abs_diff(rec["logprobs"], alone["logprobs"]) < LOGPROB_TOL
+        assert rec.token_ids == alone.token_ids, f"row {i} angle {angles[i]}"
+        assert max_abs_diff(rec.logprobs, alone.logprobs) < LOGPROB_TOL
     # Relative mode is per request too: "rotate by 0" is the identity, "by 90" is not "to 90".
     rel = engine.generate(texts[:2], [0.0, 90.0], mode="relative", max_tokens=24)
     ref = engine.generate(texts[:2], [None, 90.0], max_tokens=24)
-    assert rel[0]["token_ids"] == ref[0]["token_ids"]
-    assert rel[1]["token_ids"] != ref[1]["token_ids"]
+    assert rel[0].token_ids == ref[0].token_ids
+    assert rel[1].token_ids != ref[1].token_ids
 
 
 def test_numpy_angles_are_cast_before_crossing_processes(engine):
@@ -448,31 +327,24 @@ def test_numpy_angles_are_cast_before_crossing_processes(engine):
     numpy = engine.generate(
         INSTRUCTIONS[:3], [np.float32(90), np.float64(210), np.int64(0)], max_tokens=12
     )
-    assert [r["token_ids"] for r in numpy] == [r["token_ids"] for r in plain]
-    assert all(type(r["angle"]) is float for r in numpy)
+    assert [r.token_ids for r in numpy] == [r.token_ids for r in plain]
+    assert all(type(r.angle) is float for r in numpy)
 
 
-def test_record_fields(engine):
+def test_completion_fields(engine):
+    from rotserve.engine import Completion
+
     (rec,) = engine.generate(INSTRUCTIONS[:1], [210.0], adaptive=True, max_tokens=8)
-    assert set(rec) >= {
-        "instruction",
-        "prompt",
-        "angle",
-        "adaptive",
-        "generation",
-        "token_ids",
-        "prompt_tokens",
-        "output_tokens",
-        "finish_reason",
-    }
-    assert rec["angle"] == 210.0 and rec["adaptive"] is True
-    assert rec["output_tokens"] == len(rec["token_ids"]) <= 8
+    assert isinstance(rec, Completion) and rec.instruction == INSTRUCTIONS[0]
+    assert rec.mode == "absolute" and rec.sample == 0 and rec.prompt_tokens > 0
+    assert rec.angle == 210.0 and rec.adaptive is True
+    assert rec.output_tokens == len(rec.token_ids) <= 8
     # vLLM's detokenizer holds back a trailing incomplete UTF-8 sequence (byte-level BPE).
-    decoded = engine.tokenizer.decode(rec["token_ids"], skip_special_tokens=True)
-    assert rec["generation"] and decoded.startswith(rec["generation"])
-    assert rec["finish_reason"] in ("length", "stop")
+    decoded = engine.tokenizer.decode(rec.token_ids, skip_special_tokens=True)
+    assert rec.generation and decoded.startswith(rec.generation)
+    assert rec.finish_reason in ("length", "stop")
     two = engine.generate(INSTRUCTIONS[:1], [90.0], n=2, temperature=1.0, seed=3, max_tokens=8)
-    assert [r["sample"] for r in two] == [0, 1]
+    assert [r.sample for r in two] == [0, 1]
 
 
 def test_prefix_caching_is_salted_per_angle(engine, hf_qwen2):
@@ -483,17 +355,17 @@ def test_prefix_caching_is_salted_per_angle(engine, hf_qwen2):
 
     engine.llm.reset_prefix_cache()
     ref_b = engine.generate([long_text], [b], max_tokens=16, chat=False, logprobs=True)[0]
-    assert ref_b["prompt_tokens"] >= 250
+    assert ref_b.prompt_tokens >= 250
     engine.llm.reset_prefix_cache()
     first_a = engine.generate([long_text], [a], max_tokens=16, chat=False, logprobs=True)[0]
     then_b = engine.generate([long_text], [b], max_tokens=16, chat=False, logprobs=True)[0]
     again_b = engine.generate([long_text], [b], max_tokens=16, chat=False, logprobs=True)[0]
-    assert first_a["token_ids"] != then_b["token_ids"]
+    assert first_a.token_ids != then_b.token_ids
     for rec in (then_b, again_b):  # after A's KV, and reusing B's own KV
-        assert rec["token_ids"] == ref_b["token_ids"]
-        assert max_abs_diff(rec["logprobs"], ref_b["logprobs"]) < LOGPROB_TOL
+        assert rec.token_ids == ref_b.token_ids
+        assert max_abs_diff(rec.logprobs, ref_b.logprobs) < LOGPROB_TOL
     hf = hf_qwen2.generate([long_text], [b], max_new_tokens=16)[0]  # no cache at all
-    assert hf.token_ids == ref_b["token_ids"]
+    assert hf.token_ids == ref_b.token_ids
 
     # Control: the same two requests WITHOUT the salt do reuse A's KV for B (the trap).
     from vllm import SamplingParams
@@ -508,7 +380,7 @@ def test_prefix_caching_is_salted_per_angle(engine, hf_qwen2):
     engine.llm.reset_prefix_cache()
     raw(a)
     unsalted_b = raw(b)
-    assert max_abs_diff(unsalted_b, ref_b["logprobs"]) > 1e-3
+    assert max_abs_diff(unsalted_b, ref_b.logprobs) > 1e-3
     engine.llm.reset_prefix_cache()
 
 
@@ -516,7 +388,7 @@ def test_bad_requests_fail_alone_and_engine_keeps_serving(engine):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    before = engine.generate(INSTRUCTIONS[:1], [90.0], max_tokens=8)[0]["token_ids"]
+    before = engine.generate(INSTRUCTIONS[:1], [90.0], max_tokens=8)[0].token_ids
     prompt = _chat(engine, INSTRUCTIONS[:1])[0]
     bad_args = [
         ({"rotserve": {"angle": "ninety"}}, "must be a number"),
@@ -534,7 +406,7 @@ def test_bad_requests_fail_alone_and_engine_keeps_serving(engine):
         engine.generate(INSTRUCTIONS[:2], [90.0, "ninety"], max_tokens=8)
     with pytest.raises(ValueError, match="one angle"):
         engine.generate(INSTRUCTIONS[:2], [90.0], max_tokens=8)
-    after = engine.generate(INSTRUCTIONS[:1], [90.0], max_tokens=8)[0]["token_ids"]
+    after = engine.generate(INSTRUCTIONS[:1], [90.0], max_tokens=8)[0].token_ids
     assert after == before
 
 
@@ -591,8 +463,8 @@ class TestNoAngleIsTheStockModel:
         baseline = stock.generate(texts, [None] * 6, max_tokens=NEW_TOKENS, logprobs=True)
         for angle, r, s in zip(mixed, rotated, baseline, strict=True):
             if angle is None:
-                assert r["token_ids"] == s["token_ids"]
-                assert r["logprobs"] == s["logprobs"]  # bit-identical
+                assert r.token_ids == s.token_ids
+                assert r.logprobs == s.logprobs  # bit-identical
         with pytest.raises(RotServeConfigError, match="no plane"):
             stock.generate(texts[:1], [90.0])
 
@@ -631,9 +503,9 @@ class TestLlamaInProcess:
         texts = [INSTRUCTIONS[i % 3] for i in range(len(angles))]
         records = llama.generate(texts, angles, adaptive=adaptive, max_tokens=32, logprobs=True)
         for rec, angle, flag in zip(records, angles, adaptive, strict=True):
-            ref = hf.generate([rec["prompt"]], [angle], adaptive=flag, max_new_tokens=32)[0]
-            assert rec["token_ids"] == ref.token_ids, f"angle={angle} adaptive={flag}"
-            assert max_abs_diff(rec["logprobs"], ref.logprobs) < LOGPROB_TOL
+            ref = hf.generate([rec.prompt], [angle], adaptive=flag, max_new_tokens=32)[0]
+            assert rec.token_ids == ref.token_ids, f"angle={angle} adaptive={flag}"
+            assert max_abs_diff(rec.logprobs, ref.logprobs) < LOGPROB_TOL
 
     def test_chunked_prefill_mixed_with_decodes(self, llama, tiny_llama, tiny_plane):
         from rotserve.hf import HFRotatedGenerator
@@ -645,8 +517,8 @@ class TestLlamaInProcess:
         texts = [INSTRUCTIONS[0], long_text, INSTRUCTIONS[1], long_text, INSTRUCTIONS[2]]
         angles = [90.0, 210.0, None, None, 300.0]
         records = llama.generate(texts, angles, max_tokens=24, logprobs=True)
-        assert records[1]["prompt_tokens"] > 64  # prefilled over several steps
+        assert records[1].prompt_tokens > 64  # prefilled over several steps
         for rec, angle in zip(records, angles, strict=True):
-            ref = hf.generate([rec["prompt"]], [angle], max_new_tokens=24)[0]
-            assert rec["token_ids"] == ref.token_ids, f"angle={angle}"
-            assert max_abs_diff(rec["logprobs"], ref.logprobs) < LOGPROB_TOL
+            ref = hf.generate([rec.prompt], [angle], max_new_tokens=24)[0]
+            assert rec.token_ids == ref.token_ids, f"angle={angle}"
+            assert max_abs_diff(rec.logprobs, ref.logprobs) < LOGPROB_TOL

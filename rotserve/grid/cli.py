@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rotserve.cli import DefaultsFormatter
 from rotserve.grid.config import (
     DEFAULT_ANGLE_COUNT,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MODEL,
-    DEFAULT_SHARD_SIZE,
     DTYPES,
     MODES,
-    PLANE_FILENAME,
     GridConfig,
     GridConfigError,
     evenly_spaced,
@@ -26,7 +23,12 @@ from rotserve.grid.config import (
     parse_angle_list,
     parse_prompt_set,
 )
-from rotserve.prompts import DEFAULT_PROMPTS
+from rotserve.paths import PLANE_FILENAME
+from rotserve.rundir import RunDirError
+
+if TYPE_CHECKING:
+    from rotserve.grid.result import RunResult
+    from rotserve.report import Report
 
 
 def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -68,19 +70,9 @@ def _non_negative(name: str) -> Callable[[str], int]:
     return parse
 
 
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Append "(default: X)" to help that does not already state it; skip None and flags."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "default" in text or default in (None, argparse.SUPPRESS) or isinstance(default, bool):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    default_prompts = " ".join(f"{k}={v}" for k, v in DEFAULT_PROMPTS.items())
+    d = GridConfig()  # the one source of defaults
+    default_prompts = " ".join(f"{k}={v}" for k, v in d.prompts)
     p = argparse.ArgumentParser(
         description=(
             "Generate every prompt at every steering angle (plus an unsteered baseline) with "
@@ -93,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to generate")
     g.add_argument(
         "--model",
-        default=str(DEFAULT_MODEL),
-        help="HF model directory or hub id (default: the shipped toy refusal model, "
-        "data/toy-refusal)",
+        default=d.model,
+        help="HF model directory or hub id (default: the shipped toy refusal model, %(default)s)",
     )
     g.add_argument(
-        "--revision", default=None, help="hub revision (branch, tag or commit) of --model"
+        "--revision",
+        default=None,
+        help="hub revision (branch, tag or commit) of --model (default: the hub's default branch)",
     )
     g.add_argument(
         "--plane",
@@ -108,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prompts",
         action="append",
+        default=None,
         type=_arg(parse_prompt_set),
         metavar="LABEL=FILE",
         help=f"a prompt set (.jsonl/.json/.csv/.parquet/.txt); repeat for several; LABEL names the "
@@ -125,14 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help=f"N angles evenly spaced from 0°, 360/N apart "
-        f"(default: {DEFAULT_ANGLE_COUNT}, i.e. every 10°)",
+        f"(default: {len(d.angles)}, i.e. every {360 / len(d.angles):g}°)",
     )
     angles.add_argument(
         "--angle-list",
         type=_arg(parse_angle_list),
         default=None,
         metavar="DEG,DEG,...",
-        help="explicit angles in degrees, e.g. 0,90,180,270 (folded into [0, 360))",
+        help="explicit angles in degrees, e.g. 0,90,180,270, folded into [0, 360) "
+        "(default: none, --angles sets the grid)",
     )
     g.add_argument(
         "--no-baseline",
@@ -145,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--mode",
         choices=MODES,
-        default="plain",
+        default=d.mode,
         help="rotation mask: plain rotates every token; adaptive only tokens with h·b1 > 0 (the "
         "reference's evaluations, keeps outputs fluent); both runs the grid in each mode. "
         "Plain by default: it shows the toy model's whole circle (harmless prompts refused "
@@ -168,28 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-tokens",
         type=_positive("--max-tokens"),
-        default=DEFAULT_MAX_TOKENS,
+        default=d.max_tokens,
         help="tokens generated per row (the reference evaluations use 512 on real models)",
     )
     g.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy"
+        "--temperature", type=float, default=d.temperature, help="sampling temperature; 0 = greedy"
     )
     g.add_argument(
         "--seed",
         type=_non_negative("--seed"),
-        default=0,
+        default=d.seed,
         help="sampling seed (per request; sample k uses seed+k)",
     )
     g.add_argument(
         "--samples-per-prompt",
         type=_positive("--samples-per-prompt"),
-        default=1,
+        default=d.samples_per_prompt,
         help="rows per (prompt, angle); only useful with --temperature > 0",
     )
     g.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="auto",
+        default=d.dtype,
         help="model dtype in vLLM (auto: bfloat16 on CPU)",
     )
 
@@ -216,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--shard-size",
         type=_positive("--shard-size"),
-        default=DEFAULT_SHARD_SIZE,
+        default=d.shard_size,
         help="prompt × angle requests per generate call and per part file (the unit of resume)",
     )
     o.add_argument(
@@ -241,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--cpus-per-engine",
         type=_positive("--cpus-per-engine"),
-        default=1,
+        default=d.cpus_per_engine,
         help="cores per CPU engine (pinned with VLLM_CPU_OMP_THREADS_BIND)",
     )
     r.add_argument(
@@ -258,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--max-engine-failures",
         type=_non_negative("--max-engine-failures"),
-        default=3,
+        default=d.max_engine_failures,
         help="engine (actor) deaths to survive by re-queueing their shards on a fresh engine",
     )
     r.add_argument("--verbose", action="store_true", help="show Ray and vLLM logs")
@@ -270,16 +265,13 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         angles = args.angle_list
     else:
         angles = evenly_spaced(args.angles or DEFAULT_ANGLE_COUNT)
-    prompts = (
-        tuple(args.prompts)
-        if args.prompts
-        else tuple((k, str(v)) for k, v in DEFAULT_PROMPTS.items())
-    )
+    # Only what the user gave: every other field keeps GridConfig's default.
+    given = {"prompts": tuple(args.prompts)} if args.prompts else {}
     return GridConfig(
+        **given,
         model=args.model,
         revision=args.revision,
         plane=args.plane,
-        prompts=prompts,
         column=args.column,
         angles=angles,
         baseline=args.baseline,
@@ -299,13 +291,13 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         ray_address=args.ray_address,
         max_engine_failures=args.max_engine_failures,
-        report=args.report,
         progress=args.progress,
         verbose=args.verbose,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the grid, then (unless --no-report) the report on its run directory."""
     from rotserve.grid import GridRunError, run_grid
 
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -313,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     try:
         result = run_grid(config, argv=["grid", *raw])
-    except GridConfigError as e:
+    except (GridConfigError, RunDirError) as e:
         print(f"grid: error: {e}", file=sys.stderr)
         return 2
     except GridRunError as e:
@@ -325,11 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ngrid: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(summary_text(result))
+    report = None
+    if args.report:
+        from rotserve.report import make_report
+
+        report = make_report(result.run_dir)
+    print(summary_text(result, report))
     return 0
 
 
-def summary_text(result: Any) -> str:
+def summary_text(result: RunResult, report: Report | None = None) -> str:
     rows = result.rows_dir
     rate = ""
     if result.rows_per_s:
@@ -345,8 +342,8 @@ def summary_text(result: Any) -> str:
         f"read_parquet('{rows}/*.parquet'))",
         f"  manifest  {result.manifest_path}",
     ]
-    if result.report is not None:
-        rep = result.report
+    if report is not None:
+        rep = report
         lines += [
             f"  summary   {rep.csv_path}  {rep.markdown_path}",
             f"  plot      {rep.plot_path}",

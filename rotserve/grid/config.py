@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.plane import Plane, PlaneError, file_sha256, load_plane
-from rotserve.prompts import DATA_DIR, DEFAULT_PROMPTS, Prompt, PromptFileError, load_prompts
+from rotserve.paths import DATA_DIR_ENV, PLANE_FILENAME, default_prompts, toy_model_dir
+from rotserve.plane import Plane, PlaneError, file_sha256
+from rotserve.prompts import Prompt, PromptFileError, load_prompts
+from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
+from rotserve.vllm_plugin.config import RotServeConfigError, UnsupportedArchitectureError
 
-DEFAULT_MODEL = DATA_DIR / "toy-refusal"
-# The plane a model directory ships, used when --plane is absent.
-PLANE_FILENAME = "plane.safetensors"
 DEFAULT_ANGLE_COUNT = 36  # the reference grid: 0..350 step 10
 DEFAULT_MAX_TOKENS = 32  # the toy answers or refuses within its first ~10 tokens
 DEFAULT_SHARD_SIZE = 256  # prompts × conditions per generate() call (× samples per prompt rows)
@@ -123,10 +123,12 @@ class GridConfig:
     say, more engines.
     """
 
-    model: str = str(DEFAULT_MODEL)
+    model: str = field(default_factory=lambda: str(toy_model_dir()))
     revision: str | None = None  # HF revision, for hub ids
     plane: str | None = None  # None: <model>/plane.safetensors
-    prompts: tuple[tuple[str, str], ...] = tuple((k, str(v)) for k, v in DEFAULT_PROMPTS.items())
+    prompts: tuple[tuple[str, str], ...] = field(
+        default_factory=lambda: tuple((k, str(v)) for k, v in default_prompts().items())
+    )
     column: str | None = None  # instruction column; None: load_prompts' auto-detection
     angles: tuple[float, ...] = field(default_factory=lambda: evenly_spaced(DEFAULT_ANGLE_COUNT))
     baseline: bool = True  # also generate unsteered rows (angle null)
@@ -147,7 +149,6 @@ class GridConfig:
     tensor_parallel_size: int | None = None  # None: gpus_per_engine (or 1)
     ray_address: str | None = None  # None: start a local cluster; "auto": join the running one
     max_engine_failures: int = 3  # engine deaths tolerated (shards re-queued) before giving up
-    report: bool = True
     progress: bool = True
     verbose: bool = False  # stream engine (vLLM) logs to the console
 
@@ -171,14 +172,24 @@ class ResolvedGrid:
     config: GridConfig
     model: str  # absolute path of a local model directory, or the HF id
     model_is_local: bool
-    hidden_size: int
-    plane_path: Path
+    steering: SteeringSetup  # the checked model x plane, as the engines will load them
     plane_sha256: str
-    plane: Plane
     prompt_sets: tuple[PromptSet, ...]
     angles: tuple[float, ...]
     run_id: str
     out: Path
+
+    @property
+    def hidden_size(self) -> int:
+        return self.steering.info.hidden_size
+
+    @property
+    def plane(self) -> Plane:
+        return self.steering.plane
+
+    @property
+    def plane_path(self) -> Path:
+        return self.steering.plane_path
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the rows; its hash is the run id."""
@@ -234,17 +245,11 @@ def resolve(config: GridConfig) -> ResolvedGrid:
     if not angles and not config.baseline:
         raise GridConfigError("nothing to generate: no angles and --no-baseline")
     model, is_local = _resolve_model(config.model)
-    hidden_size = model_hidden_size(model, config.revision)
-    plane_path = _resolve_plane_path(config.plane, model, is_local)
-    try:
-        plane = load_plane(plane_path)
-        plane.check_hidden_size(hidden_size, model=model)
-    except PlaneError as e:
-        raise GridConfigError(f"--plane {plane_path}: {e}") from None
+    steering = _prepare_steering(model, config)
     if is_local:
         _check_weights_dir(Path(model))
     prompt_sets = _load_prompt_sets(config.prompts, config.column)
-    plane_sha = file_sha256(plane_path)
+    plane_sha = file_sha256(steering.plane_path)
     identity = run_identity(config, model, plane_sha, prompt_sets, angles)
     run_id = identity_hash(identity)
     out = (
@@ -256,10 +261,8 @@ def resolve(config: GridConfig) -> ResolvedGrid:
         config=config,
         model=model,
         model_is_local=is_local,
-        hidden_size=hidden_size,
-        plane_path=plane_path,
+        steering=steering,
         plane_sha256=plane_sha,
-        plane=plane,
         prompt_sets=prompt_sets,
         angles=angles,
         run_id=run_id,
@@ -320,10 +323,11 @@ def _resolve_model(model: str) -> tuple[str, bool]:
             f"--model {model}: not a directory (give a HF model directory or hub id)"
         )
     if not _is_hub_id(model):
-        if Path(model).resolve() == DEFAULT_MODEL.resolve():
+        if Path(model).resolve() == toy_model_dir().resolve():
             raise GridConfigError(
-                f"the default toy model is missing at {DEFAULT_MODEL}; build it with "
-                "`python -m rotserve.toy.train` or pass --model"
+                f"the default toy model is missing at {toy_model_dir()}; point {DATA_DIR_ENV} "
+                "at a folder holding rotserve's data/ (the repository's data/ folder), or pass "
+                "--model"
             )
         raise GridConfigError(
             f"--model {model}: no such directory (and not a hub id like org/name)"
@@ -331,31 +335,19 @@ def _resolve_model(model: str) -> tuple[str, bool]:
     return model, False
 
 
-def model_hidden_size(model: str, revision: str | None = None) -> int:
-    """hidden_size from the model's config.json (text config for multimodal checkpoints)."""
-    path = Path(model)
-    if path.is_dir():
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise GridConfigError(f"--model {model}: cannot read config.json ({e})") from None
-        for c in (cfg, cfg.get("text_config") or {}):
-            if isinstance(c.get("hidden_size"), int):
-                return c["hidden_size"]
-        raise GridConfigError(f"--model {model}: config.json has no hidden_size")
+def _prepare_steering(model: str, config: GridConfig) -> SteeringSetup:
+    """The engines' own set-up path (rotserve.steering), with errors naming the grid's flags."""
     try:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except Exception as e:  # hub errors come in many types; all mean "cannot use this model"
-        raise GridConfigError(
-            f"--model {model}: cannot load its config ({type(e).__name__}: {e})"
-        ) from None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    size = getattr(text, "hidden_size", None)
-    if not isinstance(size, int):
-        raise GridConfigError(f"--model {model}: its config has no hidden_size")
-    return size
+        info = ModelInfo.from_pretrained(model, config.revision)
+    except RotServeConfigError as e:
+        raise GridConfigError(f"--model: {e}") from None
+    plane_path = _resolve_plane_path(config.plane, model, Path(model).is_dir())
+    try:
+        return prepare_steering(model, plane_path, info=info)
+    except UnsupportedArchitectureError as e:
+        raise GridConfigError(f"--model {model}: {e}") from None
+    except (PlaneError, RotServeConfigError) as e:
+        raise GridConfigError(f"--plane {plane_path}: {e}") from None
 
 
 def _check_weights_dir(model_dir: Path) -> None:

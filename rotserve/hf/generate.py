@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,17 @@ def load_hf_model(
     return lm.to(device).eval(), tok
 
 
-@dataclass
+@dataclass(frozen=True)
 class HFGeneration:
+    """One HF generation; token_ids and logprobs are tuples, like rotserve.engine.Completion's,
+    so the parity tests compare the two records field by field."""
+
     prompt: str
     angle: float | None
     adaptive: bool
-    token_ids: list[int]  # new tokens only, up to and including EOS if it was produced
+    token_ids: tuple[int, ...]  # new tokens only, up to and including EOS if it was produced
     text: str
-    logprobs: list[float] = field(default_factory=list)  # of each chosen token
+    logprobs: tuple[float, ...] = ()  # of each chosen token
     finish_reason: str = "length"
 
 
@@ -199,9 +202,9 @@ class HFRotatedGenerator:
                     prompt=prompt,
                     angle=angles[i],
                     adaptive=adaptive[i],
-                    token_ids=ids,
+                    token_ids=tuple(ids),
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    logprobs=chosen[i, : len(ids)].tolist(),
+                    logprobs=tuple(chosen[i, : len(ids)].tolist()),
                     finish_reason=finish,
                 )
             )

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from rotserve.vllm_plugin.config import DEFAULT_SITES
+
 # Architecture -> (attribute path to the layer list, pre-attention norm, pre-MLP norm).
 ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "Qwen2ForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
@@ -21,8 +23,8 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "MistralForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
     "Gemma2ForCausalLM": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
 }
-STEER_SITES = ("input_layernorm", "post_attention_layernorm")  # rotserve's names for the two norms
-EXTRACT_SITES = ("resid_mid", "resid_post")
+# rotserve's names for the two steered norms, the same on the HF side as in the vLLM plugin.
+STEER_SITES = DEFAULT_SITES
 
 
 class UnsupportedArchitectureError(ValueError):

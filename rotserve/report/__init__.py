@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rotserve.report.plot import polar_plot
 from rotserve.report.summary import SummaryRow, markdown, short_text, summarize, write_csv
+from rotserve.rundir import REPORT_DIR, ROWS_DIR, RunDirError, read_manifest, read_rows
 
 __all__ = ["Report", "SummaryRow", "make_report", "polar_plot", "summarize"]
 
@@ -33,15 +34,13 @@ class Report:
 
 
 def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Report:
-    from rotserve.grid.store import REPORT_DIR, read_manifest, read_rows
-
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest is None:
-        raise FileNotFoundError(f"{run_dir}: no manifest.json; not a grid run directory")
+        raise RunDirError(f"{run_dir}: no manifest.json; not a grid run directory")
     table = read_rows(run_dir)
     if table.num_rows == 0:
-        raise ValueError(f"{run_dir}: no rows yet (no part files in {run_dir / 'rows'})")
+        raise RunDirError(f"{run_dir}: no rows yet (no part files in {run_dir / ROWS_DIR})")
     out = Path(out_dir) if out_dir else run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rotserve.grid.cli import DefaultsFormatter
+from rotserve.cli import DefaultsFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rotserve.grid.store import RunDirError
     from rotserve.report import make_report
+    from rotserve.rundir import RunDirError
 
     args = build_parser().parse_args(argv)
     try:

@@ -140,6 +140,16 @@ class EngineSteering:
             "sites": list(self.sites),
         }
 
+    def check(self, num_layers: int, architecture: str) -> None:
+        """Layers in range and sites that every decoder layer of `architecture` steers."""
+        self.chosen_layers(num_layers)
+        unknown = [s for s in self.sites if s not in DEFAULT_SITES]
+        if unknown:
+            raise RotServeConfigError(
+                f"unknown steering site(s) {unknown} for {architecture}; "
+                f"choose from {', '.join(DEFAULT_SITES)}"
+            )
+
     def chosen_layers(self, num_layers: int) -> list[int]:
         """Absolute, sorted layer indices (negative indices count from the end)."""
         if self.layers is None:

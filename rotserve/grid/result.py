@@ -1,0 +1,40 @@
+"""What a grid run returns: counts, where the table is, and throughput measured honestly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rotserve.grid.runner import FanOutStats
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    rows_dir: Path
+    manifest_path: Path
+    state: str  # new | resume | overwrite (how the run directory was found)
+    rows_total: int
+    shards_total: int
+    shards_skipped: int  # already on disk from an earlier attempt
+    shards_written: int  # by this attempt
+    rows_written: int
+    wall_s: float
+    generate_s: float  # engines started .. last part written
+    rows_per_s: float | None  # rows_written / generate_s (engine startup included)
+    steady_rows_per_s: float | None = None  # after the first part: engines up and generating
+    engine_failures: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def throughput(stats: FanOutStats, generate_s: float) -> tuple[float | None, float | None]:
+    """(rows/s with engine start-up, rows/s once the first part was written), None if unknown.
+
+    The first part's rows are left out of the steady rate: they paid for the engine start.
+    """
+    rate = stats.rows_written / generate_s if generate_s > 0 and stats.rows_written else None
+    steady = None
+    if stats.first_row_s is not None and generate_s - stats.first_row_s > 0:
+        steady = (stats.rows_written - stats.first_part_rows) / (generate_s - stats.first_row_s)
+    return rate, steady

@@ -1,0 +1,143 @@
+"""One way to set up a steered model: every check, then the two vLLM settings the plugin needs.
+
+    setup = prepare_steering("Qwen/Qwen2.5-7B-Instruct", "plane.safetensors", layers=[10, 11])
+    LLM(model, hf_overrides=setup.hf_overrides(), logits_processors=setup.logits_processors())
+
+The engine class, the server and the grid's resolve step all call `prepare_steering`, so a
+mistake fails the same way everywhere, in about a second, before any engine starts:
+- the architecture has a rotated variant;
+- the plane loads (finite, orthonormal) and matches the model's hidden size;
+- the layers are in range and the sites are norms every decoder layer has.
+
+No vLLM import here: the grid resolves its request on a machine that may not even have vLLM.
+The model's config is read with transformers' AutoConfig (never trust_remote_code): a local
+directory is read from disk, a hub id is fetched like any HF download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rotserve.plane import Plane, load_plane
+from rotserve.vllm_plugin.config import (
+    SETTINGS_KEY,
+    TRACKER_FQCN,
+    EngineSteering,
+    RotServeConfigError,
+    rotated_architecture,
+)
+
+
+class ModelConfigError(RotServeConfigError):
+    """The model's config cannot be read, or lacks what steering needs."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What steering needs to know of a model, from its HF config (text config if multimodal)."""
+
+    model: str
+    architecture: str  # the stock architecture, e.g. Qwen2ForCausalLM
+    hidden_size: int
+    num_layers: int
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, revision: str | None = None) -> ModelInfo:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(
+                str(model), revision=revision, trust_remote_code=False
+            )
+        except Exception as e:  # OSError, ValueError, hub errors: all "cannot use this model"
+            raise ModelConfigError(
+                f"model {model}: cannot load its config ({type(e).__name__}: {e})"
+            ) from None
+        text = config.get_text_config()
+        hidden_size = getattr(text, "hidden_size", None)
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(hidden_size, int) or not isinstance(num_layers, int):
+            raise ModelConfigError(
+                f"model {model}: its config has no hidden_size / num_hidden_layers; "
+                "rotserve steers decoder-only chat models"
+            )
+        architectures = getattr(config, "architectures", None) or ["(none in config.json)"]
+        return cls(str(model), architectures[0], hidden_size, num_layers)
+
+
+@dataclass(frozen=True)
+class SteeringSetup:
+    """A checked (model, plane, layers, sites) and the vLLM settings that steer it."""
+
+    info: ModelInfo
+    plane: Plane
+    settings: EngineSteering  # plane path (absolute), layers, sites
+    rotated_architecture: str
+
+    @property
+    def plane_path(self) -> Path:
+        return self.settings.plane
+
+    def hf_overrides(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`base` plus the rotated architecture and the plane settings (they win)."""
+        return {
+            **(base or {}),
+            "architectures": [self.rotated_architecture],
+            SETTINGS_KEY: self.settings.to_dict(),
+        }
+
+    def logits_processors(self, base: Sequence[Any] | None = None) -> list[Any]:
+        """`base` plus the per-request tracker, unless it is already there."""
+        listed = list(base or [])
+        return listed if tracker_installed(listed) else [*listed, TRACKER_FQCN]
+
+
+def prepare_steering(
+    model: str | Path,
+    plane: str | Path | Plane,
+    *,
+    layers: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
+    revision: str | None = None,
+    info: ModelInfo | None = None,
+    plane_path: str | Path | None = None,
+) -> SteeringSetup:
+    """Check that `plane` can steer `model` at `layers` x `sites`; raise with the fix if not.
+
+    `plane` is a path, or an already loaded Plane together with the `plane_path` the engine
+    workers will load it from. `info` skips re-reading a config the caller already read.
+    """
+    info = info or ModelInfo.from_pretrained(model, revision)
+    architecture = rotated_architecture(info.architecture)
+    if isinstance(plane, Plane):
+        if plane_path is None:
+            raise ValueError("a loaded Plane needs plane_path: the engine workers load the file")
+        loaded, path = plane, Path(plane_path)
+    else:
+        path = Path(plane)
+        loaded = load_plane(path)
+    loaded.check_hidden_size(info.hidden_size, model=info.model)
+    settings = EngineSteering.from_dict(
+        {
+            "plane": str(path.expanduser().resolve()),
+            "layers": list(layers) if layers is not None else None,
+            "sites": list(sites) if sites is not None else None,
+        }
+    )
+    settings.check(info.num_layers, architecture)
+    return SteeringSetup(info, loaded, settings, architecture)
+
+
+def tracker_installed(listed: Sequence[Any]) -> bool:
+    """Is the tracker already in the user's list, or loaded by a `vllm.logits_processors`
+    entry point? (vLLM would instantiate it twice otherwise.)"""
+    from importlib.metadata import entry_points
+
+    names = [p for p in listed if isinstance(p, str)]
+    names += [ep.value for ep in entry_points(group="vllm.logits_processors")]
+    return any(name.replace(".tracker:", ":") == TRACKER_FQCN for name in names) or any(
+        getattr(p, "__name__", "") == "RotServeBatchTracker" for p in listed
+    )
