@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -247,13 +246,11 @@ def test_jobs_script_fails_fast_without_ray():
         "except SystemExit as e:\n"
         "    print('exit', e.code, 'ray' in sys.modules, 'vllm' in sys.modules)\n"
     )
-    t0 = time.time()
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert "exit 2 False False" in out.stdout, out.stdout + out.stderr
     assert "--angles" in out.stderr and "at least 1" in out.stderr
-    assert time.time() - t0 < 60
 
 
 def test_plane_inside_model_dir_without_index_is_refused(inputs, tmp_path):

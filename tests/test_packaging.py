@@ -78,6 +78,15 @@ def test_the_wheel_metadata_names_both_extras_with_their_pins(wheel):
     assert any(n.startswith("rotserve/vllm_plugin/") for n in wheel.namelist())
 
 
+def test_the_wheel_holds_the_library_and_nothing_a_user_never_imports(wheel):
+    """Benchmarks and the toy's trainer live in the repository, not in the wheel."""
+    top = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"rotserve"}
+    names = wheel.namelist()
+    assert "rotserve/tiny_model.py" in names and "rotserve/rundir.py" in names
+    assert not [n for n in names if n.startswith(("rotserve/bench", "rotserve/toy"))]
+
+
 def test_the_plugin_entry_point_resolves_in_this_environment():
     from importlib.metadata import entry_points
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from rotserve.paths import default_prompts
 from rotserve.prompts import (
-    DEFAULT_PROMPTS,
     ChatTemplateError,
     PromptFileError,
     chat_prompt,
@@ -90,8 +90,27 @@ def test_empty_missing_and_unknown_files_are_clear_errors(tmp_path):
         load_prompts(tmp_path / "x.xlsx")
 
 
+def test_rotserve_data_dir_moves_every_shipped_default(tmp_path, monkeypatch):
+    from rotserve.extract import ExtractConfig
+    from rotserve.grid import GridConfig
+    from rotserve.paths import toy_model_dir, toy_plane
+
+    monkeypatch.setenv("ROTSERVE_DATA_DIR", str(tmp_path))
+    assert toy_model_dir() == tmp_path / "toy-refusal"
+    assert toy_plane() == tmp_path / "toy-refusal" / "plane.safetensors"
+    assert default_prompts()["harmful"] == tmp_path / "prompts" / "harmful.jsonl"
+    config = GridConfig()
+    assert config.model == str(tmp_path / "toy-refusal")
+    assert dict(config.prompts)["harmless"] == str(tmp_path / "prompts" / "harmless.jsonl")
+    extract = ExtractConfig()
+    assert (extract.model, extract.harmful) == (
+        str(tmp_path / "toy-refusal"),
+        str(tmp_path / "prompts" / "harmful.jsonl"),
+    )
+
+
 def test_the_shipped_prompt_sets_load_with_ids_and_categories():
-    for label, path in DEFAULT_PROMPTS.items():
+    for label, path in default_prompts().items():
         prompts = load_prompts(path)
         assert len(prompts) >= 48, label
         assert len({p.id for p in prompts}) == len(prompts)

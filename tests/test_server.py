@@ -9,11 +9,9 @@ only carries flat str -> scalar entries, hence the flat keys.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, free_port, require_vllm, wait_for_health
@@ -21,7 +19,7 @@ from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, free_port, require_vllm, 
 require_vllm()
 pytest.importorskip("openai")
 
-from rotserve.serve import vllm_serve_argv  # noqa: E402
+from rotserve.serve import build_parser, serve_command  # noqa: E402
 from rotserve.vllm_plugin.config import TRACKER_FQCN  # noqa: E402
 
 MAX_TOKENS = 24
@@ -32,29 +30,15 @@ STARTUP_TIMEOUT_S = 420  # engine start is 15 s on an idle 2-core box, minutes o
 def server(tiny_qwen2, tiny_plane, tmp_path_factory):
     """(base_url, model name) of a running `vllm serve` with the rotated Qwen2."""
     port = free_port()
-    overrides = {
-        "architectures": ["RotServeQwen2ForCausalLM"],
-        "rotserve": {"plane": str(Path(tiny_plane).resolve())},
-    }
-    cmd = [
-        *vllm_serve_argv(str(tiny_qwen2)),
-        "--hf-overrides",
-        json.dumps(overrides),
-        "--logits-processors",
-        TRACKER_FQCN,
-        "--dtype",
-        ENGINE_KWARGS["dtype"],
-        "--max-model-len",
-        str(ENGINE_KWARGS["max_model_len"]),
-        "--kv-cache-memory-bytes",
-        str(ENGINE_KWARGS["kv_cache_memory_bytes"]),
-        "--seed",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    # The command `rotserve serve` would exec: its checks, its --hf-overrides and tracker.
+    args = build_parser().parse_args(
+        ["--model", str(tiny_qwen2), "--plane", str(tiny_plane), "--port", str(port)]
+        + ["--dtype", ENGINE_KWARGS["dtype"]]
+    )
+    passthrough = ["--max-model-len", str(ENGINE_KWARGS["max_model_len"])]
+    passthrough += ["--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"])]
+    cmd = serve_command(args, [*passthrough, "--seed", "0"])
+    assert cmd[cmd.index("--logits-processors") + 1] == TRACKER_FQCN
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "w") as log:
@@ -102,7 +86,7 @@ def oracle(tiny_qwen2, tiny_plane):
 
 def _complete(
     client, model: str, prompt: str, xargs: dict | None, cache_salt: str | None = None
-) -> list[int]:
+) -> tuple[int, ...]:
     extra_body: dict = {"return_token_ids": True}
     if xargs is not None:
         extra_body["vllm_xargs"] = xargs
@@ -111,7 +95,7 @@ def _complete(
     resp = client.completions.create(
         model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, extra_body=extra_body
     )
-    return list(resp.choices[0].token_ids)
+    return tuple(resp.choices[0].token_ids)
 
 
 def test_each_request_picks_its_angle(server, client, oracle):
@@ -148,7 +132,7 @@ def test_chat_endpoint_carries_the_angle_too(server, client, oracle):
     )
     prompt = chat_prompt(oracle.tokenizer, INSTRUCTIONS[0])
     ref = oracle.generate([prompt], [90.0], max_new_tokens=MAX_TOKENS)[0]
-    assert list(resp.choices[0].token_ids) == ref.token_ids
+    assert tuple(resp.choices[0].token_ids) == ref.token_ids
 
 
 def test_bad_angle_is_a_400_and_the_server_keeps_serving(server, client):

@@ -3,7 +3,8 @@
 Two layers:
 - GridConfig: what the user asked for, as typed values (the CLI builds one; Python callers too).
 - ResolvedGrid: the same request with every path made absolute, the files read and checked
-  (model hidden size, plane, prompt sets, output directory) and a run id derived from
+  (model and plane through rotserve.steering, the set-up path every engine takes; prompt
+  sets; output directory) and a run id derived from
   everything that determines the rows. `resolve()` builds it without starting Ray or vLLM,
   so every bad input is a clear GridConfigError in a second, not a traceback after an engine
   spent 15 s starting.
@@ -245,7 +246,7 @@ def resolve(config: GridConfig) -> ResolvedGrid:
     if not angles and not config.baseline:
         raise GridConfigError("nothing to generate: no angles and --no-baseline")
     model, is_local = _resolve_model(config.model)
-    steering = _prepare_steering(model, config)
+    steering = _prepare_steering(model, config, is_local)
     if is_local:
         _check_weights_dir(Path(model))
     prompt_sets = _load_prompt_sets(config.prompts, config.column)
@@ -335,13 +336,13 @@ def _resolve_model(model: str) -> tuple[str, bool]:
     return model, False
 
 
-def _prepare_steering(model: str, config: GridConfig) -> SteeringSetup:
+def _prepare_steering(model: str, config: GridConfig, is_local: bool) -> SteeringSetup:
     """The engines' own set-up path (rotserve.steering), with errors naming the grid's flags."""
     try:
         info = ModelInfo.from_pretrained(model, config.revision)
     except RotServeConfigError as e:
         raise GridConfigError(f"--model: {e}") from None
-    plane_path = _resolve_plane_path(config.plane, model, Path(model).is_dir())
+    plane_path = _resolve_plane_path(config.plane, model, is_local)
     try:
         return prepare_steering(model, plane_path, info=info)
     except UnsupportedArchitectureError as e:
