@@ -1,10 +1,12 @@
 """Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction.
 
-    python jobs/bench.py            # full run (~14 min on 2 CPU cores)
-    python jobs/bench.py --quick    # smaller sizes (~4 min once vLLM's compile cache is warm)
+    python jobs/bench.py            # full run (~30 min on 2 CPU cores)
+    python jobs/bench.py --quick    # smaller sizes (~12 min once vLLM's compile cache is warm)
+    python jobs/bench.py --quick --only grid --markdown BENCHMARKS.md   # re-measure one section
 
 Writes OUT/bench.json and OUT/bench.md (OUT defaults to bench/) and regenerates BENCHMARKS.md
-at the repository root, keeping its hand-written interpretation section.
+at the repository root, keeping its hand-written interpretation section. The benchmark code
+lives in the repository's benchmarks/ folder (not in the rotserve wheel).
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("rotation", "extract", "steer", "distinct", "grid")
+# benchmarks/ is a repository folder, not part of the installed package.
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import SECTION_TITLES  # noqa: E402  (after the sys.path line)
+
+SECTIONS = tuple(SECTION_TITLES)
 
 
 def wait_for_quiet(max_load: float, max_wait_s: float) -> None:
@@ -48,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=None,
         help="Markdown report to regenerate ('-' for none; default BENCHMARKS.md at the repo "
-        "root, except with --only, whose partial results would drop sections from it)",
+        "root, except with --only; given with --only, an existing report keeps every section "
+        "and summary row except those of the benchmarks run)",
     )
     p.add_argument("--models", type=Path, default=None, help="model cache (default OUT/models)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these benchmarks")
@@ -62,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wait-max", type=float, default=2400.0, help="longest wait, seconds")
     args = p.parse_args(argv)
 
-    from rotserve.bench.runner import BenchSettings, run_bench, with_sections
+    from benchmarks.runner import BenchSettings, run_bench, with_sections
 
     # SIGTERM (a killed job) must still run the engines' shutdown in run_bench's finally:
     # otherwise the engine processes outlive the benchmark and keep their cores busy.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,6 @@ from typing import Any
 INSTRUCTION_COLUMNS = ("instruction", "goal", "Goal", "prompt", "forbidden_prompt", "Behavior")
 ID_COLUMNS = ("id", "Index", "BehaviorID", "behavior_id")
 CATEGORY_COLUMNS = ("category", "Category", "type", "SemanticCategory")
-
-# The embedded defaults (toy model, its plane, the team's instruction sets) live in the repo's
-# data/ folder. A wheel installed elsewhere (the Docker image) points at them with ROTSERVE_DATA_DIR.
-DATA_DIR = Path(
-    os.environ.get("ROTSERVE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data"
-)
-DEFAULT_PROMPTS = {
-    "harmful": DATA_DIR / "prompts" / "harmful.jsonl",
-    "harmless": DATA_DIR / "prompts" / "harmless.jsonl",
-}
 
 
 class PromptFileError(ValueError):

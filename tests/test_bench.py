@@ -11,9 +11,9 @@ import math
 
 import pytest
 
-from rotserve.bench.report import BEGIN, END
-from rotserve.bench.runner import TOP_LEVEL, BenchSettings, run_bench
-from rotserve.bench.timing import alternate
+from benchmarks.report import BEGIN, END, merge_partial
+from benchmarks.runner import TOP_LEVEL, BenchSettings, run_bench
+from benchmarks.timing import alternate
 
 
 def test_alternate_reverses_order_and_pairs_rounds() -> None:
@@ -30,6 +30,53 @@ def test_alternate_reverses_order_and_pairs_rounds() -> None:
     assert calls == ["a", "b", "a", "b", "b", "a"]
     assert len(rounds.paired_ratios("a", "b")) == 2
     assert all(r > 0 for r in rounds.rates("a"))
+
+
+def test_partial_run_replaces_only_its_sections() -> None:
+    old = "\n".join(
+        [
+            "# Benchmarks",
+            "- **Run**: full run",
+            "| metric | compares | value | target | met |",
+            "|---|---|---|---|---|",
+            "| `steer_overhead_ratio` | old steer | 0.99 | >= 0.95 | yes |",
+            "| `grid_speedup` | old grid | 5.3 | >= 10 | **no** |",
+            "",
+            "## 1. Steering overhead",
+            "old steer text",
+            "## 2. Grid throughput",
+            "old grid text",
+            "## Interpretation",
+            BEGIN,
+            "hand-written",
+            END,
+        ]
+    )
+    new = "\n".join(
+        [
+            "# Benchmarks",
+            "- **Run**: grid-only run",
+            "| metric | compares | value | target | met |",
+            "|---|---|---|---|---|",
+            "| `steer_overhead_ratio` | n/a | n/a | >= 0.95 | - |",
+            "| `grid_speedup` | new grid | 3.1 | >= 10 | **no** |",
+            "| `grid_vs_vllm_hooks` | new hooks | 2.0 | - | - |",
+            "",
+            "## 2. Grid throughput",
+            "new grid text",
+            "## Interpretation",
+            BEGIN,
+            "hand-written",
+            END,
+        ]
+    )
+    merged = merge_partial(old, new, {"grid"})
+    assert "full run" in merged and "grid-only run" not in merged
+    assert "old steer text" in merged and "| 0.99 |" in merged
+    assert "new grid text" in merged and "old grid text" not in merged
+    rows = [ln.split("`")[1] for ln in merged.splitlines() if ln.startswith("| `")]
+    assert rows == ["steer_overhead_ratio", "grid_speedup", "grid_vs_vllm_hooks"]
+    assert merged.count("hand-written") == 1 and merged.index("## 1.") < merged.index("## 2.")
 
 
 @pytest.mark.timeout(300)
@@ -58,7 +105,7 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     for section, pair in (
         ("steer_overhead", ("rotserve", "stock")),
         ("distinct_angles", ("distinct", "shared")),
-        ("grid", ("rotserve", "hf")),
+        ("grid", ("rotserve", "hf", "vllm_hooks")),
     ):
         for name in pair:
             assert d[section][name]["median_rate"] > 0
@@ -71,6 +118,18 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     )
     assert d["grid"]["rotserve"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     assert d["grid"]["hf"]["work_per_run"] == d["grid"]["tokens_per_grid"]
+    # The stock-vLLM-hooks contender: every prompt count, equal work, and the same tokens as
+    # rotserve in float32 (the runner fails under the threshold; steering must change some).
+    by_n = d["grid"]["by_prompts"]
+    assert [r["prompts"] for r in by_n] == [2, 3]
+    assert "hf" in by_n[0] and "hf" not in by_n[1]  # HF only up to hf_max_prompts
+    for r in by_n:
+        assert r["vllm_hooks"]["work_per_run"] == r["rotserve"]["work_per_run"]
+        assert r["speedup_vs_vllm_hooks"] > 0
+    assert saved["grid_vs_vllm_hooks"] == by_n[-1]["speedup_vs_vllm_hooks"]
+    ag = d["grid"]["agreement"]
+    assert ag["agreement"] >= ag["threshold"] and ag["steering_changes"] > 0
+    assert ag["hook_calls"] > 0 and d["grid"]["vllm_hooks_engine"]["hooked_modules"] == 4
     assert d["extract"]["peak_rss_bytes"] > d["extract"]["rss_start_bytes"] > 0
     # The roofline: both contenders' achieved rates against the machine's matmul peak.
     roof = d["grid"]["roofline"]
@@ -83,5 +142,6 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
 
     text = markdown.read_text()
     assert "keep this analysis" in text and "| `grid_speedup` |" in text
+    assert "| `grid_vs_vllm_hooks` |" in text and "stock vLLM + hooks" in text
     assert "Roofline:" in text
     assert (tmp_path / "out" / "bench.md").is_file()

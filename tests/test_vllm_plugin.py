@@ -20,7 +20,6 @@ import torch
 from vllm_fixtures import (
     ENGINE_KWARGS,
     INSTRUCTIONS,
-    in_process_engine_env,
     max_abs_diff,
     require_vllm,
 )
@@ -448,7 +447,8 @@ def test_unsupported_architecture_fails_before_engine_start(tiny_qwen2, tiny_pla
 
 class TestNoAngleIsTheStockModel:
     @pytest.fixture(scope="class")
-    def stock(self, tiny_qwen2):
+    @classmethod
+    def stock(cls, tiny_qwen2):
         from rotserve.engine import RotServeEngine
 
         eng = RotServeEngine(tiny_qwen2, None, **ENGINE_KWARGS)  # stock Qwen2ForCausalLM
@@ -474,12 +474,13 @@ class TestNoAngleIsTheStockModel:
 
 class TestLlamaInProcess:
     @pytest.fixture(scope="class")
-    def llama(self, tiny_llama, tiny_plane):
-        from rotserve.engine import RotServeEngine
+    @classmethod
+    def llama(cls, tiny_llama, tiny_plane):
+        from rotserve.engine import RotServeEngine, in_process_engine
 
         # 64-token steps: long prompts are prefilled in chunks, in the same steps as other
         # requests' decodes, so batches mix prefill and decode tokens of different angles.
-        with in_process_engine_env():
+        with in_process_engine():
             eng = RotServeEngine(
                 tiny_llama,
                 tiny_plane,

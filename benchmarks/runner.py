@@ -2,7 +2,9 @@
 
 Order: the rotation op and the extraction first (no engine alive to disturb them), then both
 vLLM engines, kept alive together so that their contenders alternate round by round, then the
-HF reference grid against rotserve's grid in the same alternation.
+grid: rotserve's one mixed-angle pass against the reference method's two ways of producing a
+grid (HF generate with hooks, and a stock eager vLLM engine with hooks, one angle per call),
+in the same alternation.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rotserve.bench.machine import device_label, loadavg, machine, versions
-from rotserve.bench.models import QWEN25_05B, TINY, ModelShape, model_dir, plane_file
-from rotserve.bench.timing import Rounds, alternate, finite_positive
+from benchmarks.machine import device_label, loadavg, machine, versions
+from benchmarks.models import QWEN25_05B, TINY, ModelShape, model_dir, plane_file
+from benchmarks.report import SECTION_TITLES
+from benchmarks.timing import Rounds, alternate, finite_positive
 
 TARGETS: dict[str, tuple[str, float]] = {
     "steer_overhead_ratio": (">=", 0.95),
@@ -32,9 +35,11 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 # A round during which other processes used more than this many cores is run again.
 MAX_EXTERNAL_CORES = 0.3
+SECTIONS = tuple(SECTION_TITLES)
 TOP_LEVEL = (
     "steer_overhead_ratio",
     "grid_speedup",
+    "grid_vs_vllm_hooks",
     "distinct_angles_ratio",
     "rotation_vs_copy",
     "extract_prompts_per_s",
@@ -44,8 +49,8 @@ TOP_LEVEL = (
 
 @dataclass
 class BenchSettings:
-    """Sizes of every benchmark. `full()` is the default run (~14 min on 2 cores),
-    `quick_settings()` (--quick) takes ~4 min once vLLM's compile cache is warm, `tiny()` is
+    """Sizes of every benchmark. `full()` is the default run (~30 min on 2 cores),
+    `quick_settings()` (--quick) takes ~12 min once vLLM's compile cache is warm, `tiny()` is
     the test suite's smoke run."""
 
     quick: bool = False
@@ -67,10 +72,25 @@ class BenchSettings:
     distinct_rounds: int = 7
     shared_angle: float = 30.0
     grid_angles: int = 36
-    # One grid per prompt count; the headline is the largest (HF batches best there).
-    grid_prompts: tuple[int, ...] = (1, 8)
+    # One grid per prompt count. HF runs only up to hf_max_prompts (at 64 prompts x 36 angles
+    # one HF grid takes ~10 min here); the grid_speedup headline is the largest N it ran at
+    # (HF batches best there), grid_vs_vllm_hooks is the largest N.
+    grid_prompts: tuple[int, ...] = (1, 8, 64)
     grid_tokens: int = 32
     grid_rounds: int = 2
+    hf_max_prompts: int = 8
+    # The reference method's stock-vLLM path (benchmarks/engines.py HookedVLLMEngine) as a
+    # third grid contender, and the float32 check that it and rotserve produce the same tokens.
+    vllm_hooks: bool = True
+    agreement_prompts: int = 4
+    agreement_tokens: int = 4
+    # Share of (prompt, angle) pairs whose first agreement_tokens tokens must be identical.
+    # Both engines compute the same rotation (rotation.rotate) on the same norm output; in
+    # float32 only the accumulation order differs (other batch shapes), which flips a greedy
+    # token only at a near-tie of two logits. A hook on the wrong module, at the wrong angle,
+    # or not running disagrees on about as many pairs as steering changes at all (recorded as
+    # `steering_changes`: most of them on these models), far more than 5%.
+    agreement_min: float = 0.95
     hf_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     hf_batch_sizes: tuple[int, ...] = (1, 4, 8)
     roofline_seconds: float = 1.0  # per row count of the matmul-peak probe
@@ -86,7 +106,7 @@ class BenchSettings:
     extract_batch_size: int = 16
     # The first is the headline (the CLI default, float32); bfloat16 shows what AVX512-BF16 buys.
     extract_dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    sections: tuple[str, ...] = ("rotation", "extract", "steer", "distinct", "grid")
+    sections: tuple[str, ...] = SECTIONS
 
     @classmethod
     def full(cls) -> BenchSettings:
@@ -101,7 +121,7 @@ class BenchSettings:
             steer_rounds=5,
             distinct_tokens=16,
             distinct_rounds=5,
-            grid_prompts=(8,),
+            grid_prompts=(8, 64),
             grid_tokens=8,
             grid_rounds=1,
             hf_batch_sizes=(4, 8),
@@ -131,9 +151,12 @@ class BenchSettings:
             distinct_tokens=2,
             distinct_rounds=1,
             grid_angles=4,
-            grid_prompts=(2,),
+            grid_prompts=(2, 3),
             grid_tokens=2,
             grid_rounds=1,
+            hf_max_prompts=2,
+            agreement_prompts=2,
+            agreement_tokens=2,
             hf_dtypes=("float32",),
             hf_batch_sizes=(2,),
             roofline_seconds=0.02,
@@ -168,12 +191,22 @@ class Context:
     load: dict[str, Any] = field(default_factory=dict)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m benchmarks.<module>` children: benchmarks/ is a repository
+    folder, not an installed package, so the repository root goes first on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, **extra, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 def _instructions(n: int) -> list[str]:
     """n instructions from data/prompts (harmful and harmless interleaved), repeated if short."""
-    from rotserve.prompts import DEFAULT_PROMPTS, load_prompts
+    from rotserve.paths import default_prompts
+    from rotserve.prompts import load_prompts
 
-    harmful = [p.instruction for p in load_prompts(DEFAULT_PROMPTS["harmful"])]
-    harmless = [p.instruction for p in load_prompts(DEFAULT_PROMPTS["harmless"])]
+    shipped = default_prompts()
+    harmful = [p.instruction for p in load_prompts(shipped["harmful"])]
+    harmless = [p.instruction for p in load_prompts(shipped["harmless"])]
     mixed = [x for pair in zip(harmful, harmless, strict=False) for x in pair]
     return [mixed[i % len(mixed)] for i in range(n)]
 
@@ -215,7 +248,7 @@ def _engine_processes() -> list[dict[str, Any]]:
 
 
 def run_rotation(ctx: Context) -> None:
-    from rotserve.bench.rotation_op import run_in_child
+    from benchmarks.rotation_op import run_in_child
 
     s = ctx.settings
     ctx.log("rotation op vs copy (child process)")
@@ -244,7 +277,7 @@ def _extract_once(ctx: Context, out_dir: Path, dtype: str) -> dict[str, Any]:
         cmd = [
             sys.executable,
             "-m",
-            "rotserve.bench.extract_child",
+            "benchmarks.extract_child",
             str(model),
             tmp,
             "--batch-size",
@@ -254,7 +287,7 @@ def _extract_once(ctx: Context, out_dir: Path, dtype: str) -> dict[str, Any]:
         ]
         if s.extract_limit is not None:
             cmd += ["--limit", str(s.extract_limit)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROTSERVE_EXTRACT_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
@@ -277,7 +310,7 @@ def run_extract(ctx: Context, out_dir: Path) -> None:
 
 
 def _start_engines(ctx: Context, shape: ModelShape, stock: bool) -> dict[str, Any]:
-    from rotserve.bench.engines import BenchEngine
+    from benchmarks.engines import BenchEngine
 
     s = ctx.settings
     model = model_dir(shape, ctx.models_root)
@@ -396,11 +429,100 @@ def run_distinct(ctx: Context, engines: dict[str, Any]) -> None:
     }
 
 
+def _grid_requests(instr: list[str], angles: list[float]) -> tuple[list[str], list[float]]:
+    """Every (prompt, angle) pair of a grid as one request, angle-major."""
+    return [t for _ in angles for t in instr], [a for a in angles for _ in instr]
+
+
+def check_agreement(ctx: Context, shape: ModelShape, angles: list[float]) -> dict[str, Any]:
+    """rotserve and the hooked stock engine must produce the same tokens (float32, short run).
+
+    Float32 because bf16 rounds the rotated activations differently in the two code paths'
+    batch layouts; here only float32 accumulation order differs. Fails loudly under
+    settings.agreement_min (see BenchSettings for why that threshold).
+    """
+    from benchmarks.engines import BenchEngine, HookedVLLMEngine
+
+    s = ctx.settings
+    model, plane = model_dir(shape, ctx.models_root), plane_file(shape, ctx.models_root)
+    instr = _instructions(s.agreement_prompts)
+    tokens = s.agreement_tokens
+    ctx.log(
+        f"grid: first-token agreement check, float32, {len(angles)} angles x {len(instr)} "
+        f"prompts x {tokens} tokens"
+    )
+    t0 = time.perf_counter()
+    rot = BenchEngine(model, plane, "float32", s.max_model_len, enforce_eager=True)
+    try:
+        hooked = HookedVLLMEngine(model, plane, "float32", s.max_model_len)
+        try:
+            ours = rot.completions(*_grid_requests(instr, angles), tokens, logprobs=True)
+            theirs = [
+                c for a in angles for c in hooked.completions(instr, a, tokens, logprobs=True)
+            ]
+            plain = hooked.completions(instr, None, tokens, logprobs=True)
+            hook_calls = hooked.hooks.calls
+        finally:
+            hooked.close()
+    finally:
+        rot.close()
+    pairs = len(ours)
+    same = [a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True)]
+    first = [a.token_ids[0] == b.token_ids[0] for a, b in zip(ours, theirs, strict=True)]
+    lp_diff = [
+        abs(a.logprobs[0] - b.logprobs[0])
+        for a, b, f in zip(ours, theirs, first, strict=True)
+        if f and a.logprobs and b.logprobs
+    ]
+    changed = [c.token_ids != plain[i % len(instr)].token_ids for i, c in enumerate(theirs)]
+    res = {
+        "dtype": "float32",
+        "angles": len(angles),
+        "prompts": len(instr),
+        "tokens": tokens,
+        "pairs": pairs,
+        "identical_pairs": sum(same),
+        "agreement": sum(same) / pairs,
+        "first_token_agreement": sum(first) / pairs,
+        "max_first_logprob_diff": max(lp_diff) if lp_diff else None,
+        # How many pairs steering changes at all (vs the same engine, hooks passing through):
+        # what a broken hook would get wrong, i.e. how much the check can see.
+        "steering_changes": sum(changed) / pairs,
+        "hook_calls": hook_calls,
+        "threshold": s.agreement_min,
+        "seconds": time.perf_counter() - t0,
+    }
+    ctx.log(
+        f"  {sum(same)}/{pairs} (prompt, angle) pairs identical over {tokens} tokens, first "
+        f"token {res['first_token_agreement']:.3f}, max first-token |logprob diff| "
+        f"{res['max_first_logprob_diff']}; steering changes {res['steering_changes']:.2f} of "
+        f"pairs; {hook_calls} hook calls"
+    )
+    if res["agreement"] < s.agreement_min or not any(changed):
+        raise RuntimeError(
+            f"rotserve and the hooked stock vLLM engine disagree: {sum(same)}/{pairs} pairs "
+            f"identical (need {s.agreement_min:.0%}), steering changed "
+            f"{sum(changed)}/{pairs} pairs: they do not compute the same steering"
+        )
+    return res
+
+
+def _chat_template_seconds(tokenizer: Any, instructions: list[str]) -> float:
+    """What RotServeEngine.generate spends applying the chat template to these prompts."""
+    from rotserve.prompts import chat_prompt
+
+    t0 = time.perf_counter()
+    for t in instructions:
+        chat_prompt(tokenizer, t)
+    return time.perf_counter() - t0
+
+
 def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
     import torch
 
-    from rotserve.bench.hf_grid import HFGrid, probe_best
-    from rotserve.bench.roofline import achieved_tflops, measure_matmul_peak
+    from benchmarks.engines import HookedVLLMEngine
+    from benchmarks.hf_grid import HFGrid
+    from benchmarks.roofline import measure_matmul_peak
 
     s = ctx.settings
     rot = engines["rotserve"]
@@ -410,65 +532,157 @@ def run_grid(ctx: Context, engines: dict[str, Any]) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     peak = measure_matmul_peak(shape, seconds=s.roofline_seconds)
     ctx.log(f"grid: {shape.name} MLP matmul peak {peak['peak_tflops']:.3f} TFLOP/s (bfloat16)")
-    hf_grids = [
-        HFGrid(model_dir(shape, ctx.models_root), plane_file(shape, ctx.models_root), dtype)
-        for dtype in s.hf_dtypes
-    ]
-    results = []
-    for n in s.grid_prompts:
-        instr = _instructions(n)
-        # Every (prompt, angle) pair of the grid is one request, all in one generate call.
-        grid_instr = [t for _ in angles for t in instr]
-        grid_angles = [a for a in angles for _ in instr]
+    agreement = check_agreement(ctx, shape, angles) if s.vllm_hooks else None
+    hf_grids = (
+        [
+            HFGrid(model_dir(shape, ctx.models_root), plane_file(shape, ctx.models_root), dtype)
+            for dtype in s.hf_dtypes
+        ]
+        if any(n <= s.hf_max_prompts for n in s.grid_prompts)
+        else []
+    )
+    hooked = None
+    hooked_info: dict[str, Any] = {}
+    try:
+        if s.vllm_hooks:
+            ctx.log("starting stock vLLM engine with rotation hooks (eager, in-process)")
+            t0 = time.perf_counter()
+            hooked = HookedVLLMEngine(
+                model_dir(shape, ctx.models_root),
+                plane_file(shape, ctx.models_root),
+                s.dtype,
+                s.max_model_len,
+            )
+            hooked_info = {
+                "start_s": round(time.perf_counter() - t0, 1),
+                "dtype": s.dtype,
+                "enforce_eager": True,
+                "in_process": True,
+                "hooked_modules": hooked.num_hooks,
+                "sites": list(hooked.sites),
+                "torch_threads": torch.get_num_threads(),
+                "rotserve_engine": f"{s.dtype}, "
+                + ("eager" if s.enforce_eager else "torch.compile (vLLM default)"),
+            }
+            ctx.log(f"  started in {hooked_info['start_s']} s, {hooked.num_hooks} hooks")
+        results = [_grid_one(ctx, rot, hooked, hf_grids, n, angles, peak) for n in s.grid_prompts]
+    finally:
+        if hooked is not None:
+            hooked.close()
+    with_hf = [r for r in results if "hf" in r]
+    # grid_speedup: the largest prompt count HF ran at, where it batches best (the
+    # conservative number); grid_vs_vllm_hooks: the largest prompt count.
+    head = with_hf[-1] if with_hf else results[-1]
+    ctx.details["grid"] = {
+        **head,
+        "by_prompts": results,
+        "matmul_peak": peak,
+        "vllm_hooks_engine": hooked_info,
+        "agreement": agreement,
+        "vs_vllm_hooks_headline": (
+            {"prompts": results[-1]["prompts"], "ratio": results[-1]["speedup_vs_vllm_hooks"]}
+            if s.vllm_hooks
+            else None
+        ),
+    }
+
+
+def _grid_one(
+    ctx: Context,
+    rot: Any,
+    hooked: Any,
+    hf_grids: list[Any],
+    n: int,
+    angles: list[float],
+    peak: dict[str, Any],
+) -> dict[str, Any]:
+    """One prompt count: every contender's grid, alternating in rounds."""
+    import torch
+
+    from benchmarks.hf_grid import probe_best
+    from benchmarks.roofline import achieved_tflops
+
+    s = ctx.settings
+    shape = s.grid_model
+    instr = _instructions(n)
+    grid_instr, grid_angles = _grid_requests(instr, angles)
+    contenders: dict[str, Callable[[], float]] = {
+        "rotserve": lambda: rot.generate(grid_instr, grid_angles, s.grid_tokens)
+    }
+    if hooked is not None:
+        contenders["vllm_hooks"] = lambda: hooked.grid(instr, angles, s.grid_tokens)
+    hf = None
+    row: dict[str, Any] = {}
+    if n <= s.hf_max_prompts and hf_grids:
         ctx.log(f"grid: {s.grid_angles} angles x {n} prompts x {s.grid_tokens} tokens; HF probe")
         batch_sizes = sorted({min(b, n) for b in s.hf_batch_sizes})
         hf, best_bs, trials = probe_best(hf_grids, instr, s.grid_tokens, batch_sizes, ctx.log)
-        rounds = alternate(
+        contenders["hf"] = lambda: hf.grid(instr, angles, s.grid_tokens, best_bs)
+        row.update(
             {
-                "rotserve": lambda gi=grid_instr, ga=grid_angles: rot.generate(
-                    gi, ga, s.grid_tokens
-                ),
-                "hf": lambda hf=hf, instr=instr, bs=best_bs: hf.grid(
-                    instr, angles, s.grid_tokens, bs
-                ),
-            },
-            s.grid_rounds,
-            warmup=0,  # both sides are warm: rotserve from earlier sections, HF from the probe
-            on_round=_round_logger(ctx, "grid"),
-            settle_s=s.settle_s,
-            max_external=MAX_EXTERNAL_CORES,
-            max_retries=1,  # an HF grid takes minutes: one re-run at most
-        )
-        # Tokens each contender pushes through the model per grid: every prompt once per
-        # angle (prefix caching is off in the engines) plus every generated token.
-        prompt_tokens = sum(len(hf.gen.tokenizer(p)["input_ids"]) for p in hf.prompts(instr))
-        processed = len(angles) * (prompt_tokens + n * s.grid_tokens)
-        seconds = {k: rounds.median_seconds(k) for k in ("rotserve", "hf")}
-        achieved = {k: achieved_tflops(processed, t, shape) for k, t in seconds.items()}
-        results.append(
-            {
-                "model": shape.name,
-                "roofline": {
-                    "tokens_processed_per_grid": processed,
-                    "achieved_tflops": achieved,
-                    "share_of_peak": {k: v / peak["peak_tflops"] for k, v in achieved.items()},
-                    # No engine doing the same matmuls beats the baseline by more than this.
-                    "speedup_ceiling": peak["peak_tflops"] / achieved["hf"],
-                },
-                "angles": s.grid_angles,
-                "prompts": n,
-                "max_tokens": s.grid_tokens,
-                "tokens_per_grid": s.grid_angles * n * s.grid_tokens,
-                "rounds": s.grid_rounds,
                 "hf_probe": trials,
                 "hf_best": {"dtype": hf.dtype, "batch_size": best_bs},
                 "hf_threads": torch.get_num_threads(),
-                "speedup": rounds.ratio("rotserve", "hf"),
-                **_summarise(rounds, "rotserve", "hf"),
             }
         )
-    # Headline: the largest prompt count, where HF batches best (the conservative number).
-    ctx.details["grid"] = {**results[-1], "by_prompts": results, "matmul_peak": peak}
+    else:
+        ctx.log(f"grid: {s.grid_angles} angles x {n} prompts x {s.grid_tokens} tokens")
+    # One angle's worth of the grid on each vLLM engine first (HF is warm from its probe):
+    # a first call at a new batch size pays for allocations that are not the method's cost.
+    rot.generate(instr, angles[:1] * n, s.grid_tokens)
+    if hooked is not None:
+        hooked.grid(instr, angles[:1], s.grid_tokens)
+    rounds = alternate(
+        contenders,
+        s.grid_rounds,
+        warmup=0,  # warmed above: a full warm-up round would cost as much as a timed one
+        on_round=_round_logger(ctx, "grid"),
+        settle_s=s.settle_s,
+        max_external=MAX_EXTERNAL_CORES,
+        max_retries=1,  # an HF grid takes minutes: one re-run at most
+    )
+    # Tokens each contender pushes through the model per grid: every prompt once per
+    # angle (prefix caching is off in the engines) plus every generated token.
+    prompt_tokens = sum(rot.prompt_tokens(instr))
+    processed = len(angles) * (prompt_tokens + n * s.grid_tokens)
+    seconds = {k: rounds.median_seconds(k) for k in contenders}
+    achieved = {k: achieved_tflops(processed, t, shape) for k, t in seconds.items()}
+    # RotServeEngine.generate applies the chat template on every call (rotserve and the
+    # hooked engine both pay it, HF's prompts are templated once): its share of a grid.
+    template_s = _chat_template_seconds(rot.tokenizer, grid_instr)
+    row.update(
+        {
+            "model": shape.name,
+            "roofline": {
+                "tokens_processed_per_grid": processed,
+                "achieved_tflops": achieved,
+                "share_of_peak": {k: v / peak["peak_tflops"] for k, v in achieved.items()},
+                # No engine doing the same matmuls beats the baseline by more than this.
+                **(
+                    {"speedup_ceiling": peak["peak_tflops"] / achieved["hf"]}
+                    if "hf" in achieved
+                    else {}
+                ),
+            },
+            "angles": s.grid_angles,
+            "prompts": n,
+            "max_tokens": s.grid_tokens,
+            "tokens_per_grid": s.grid_angles * n * s.grid_tokens,
+            "rounds": s.grid_rounds,
+            "chat_template_s_per_grid": template_s,
+            "chat_template_share": {k: template_s / seconds[k] for k in seconds if k != "hf"},
+            **{name: rounds.summary(name) for name in contenders},
+            "external_cores_per_round": rounds.external,
+            "discarded_rounds": rounds.discarded,
+        }
+    )
+    if "hf" in contenders:
+        row["paired_ratios"] = rounds.paired_ratios("rotserve", "hf")
+        row["ratio"] = row["speedup"] = rounds.ratio("rotserve", "hf")
+    if hooked is not None:
+        row["paired_ratios_vs_vllm_hooks"] = rounds.paired_ratios("rotserve", "vllm_hooks")
+        row["speedup_vs_vllm_hooks"] = rounds.ratio("rotserve", "vllm_hooks")
+    return row
 
 
 def _targets(doc: dict[str, Any]) -> dict[str, Any]:
@@ -490,11 +704,12 @@ def run_bench(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the selected sections, write out_dir/bench.json (+ markdown), return the JSON."""
-    from rotserve.bench.engines import set_engine_env
-    from rotserve.bench.report import render_markdown, write_markdown
+    from benchmarks.engines import set_engine_env
+    from benchmarks.report import render_markdown, write_markdown
     from rotserve.extract import display_path
 
     t_start = time.perf_counter()
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     out_dir.mkdir(parents=True, exist_ok=True)
     root = models_root or out_dir / "models"
     root.mkdir(parents=True, exist_ok=True)
@@ -542,6 +757,7 @@ def run_bench(
     doc: dict[str, Any] = {
         "steer_overhead_ratio": d.get("steer_overhead", {}).get("ratio"),
         "grid_speedup": d.get("grid", {}).get("speedup"),
+        "grid_vs_vllm_hooks": (d.get("grid", {}).get("vs_vllm_hooks_headline") or {}).get("ratio"),
         "distinct_angles_ratio": d.get("distinct_angles", {}).get("ratio"),
         "rotation_vs_copy": d.get("rotation_op", {}).get("rotation_vs_copy"),
         "extract_prompts_per_s": d.get("extract", {}).get("prompts_per_s"),
@@ -551,7 +767,7 @@ def run_bench(
         {
             "rotation_vs_copy_any_form": d.get("rotation_op", {}).get("any_form_vs_copy"),
             "extract_peak_rss_bytes": d.get("extract", {}).get("peak_rss_bytes"),
-            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "started": started,
             "wall_s": time.perf_counter() - t_start,
             "machine": mach,
             "versions": versions(),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rotserve.bench.models import ModelShape
+from benchmarks.models import ModelShape
 
 
 def linear_flops_per_token(shape: ModelShape) -> int:

@@ -325,13 +325,14 @@ RESULT_PREFIX = "ROTSERVE_ROTATION_RESULT "
 def run_in_child(options: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """measure_rotation_op(**options) in a fresh process with pinned malloc settings."""
     import json
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
+    from benchmarks.runner import child_env
+
+    env = child_env(GLIBC_TUNABLES=GLIBC_TUNABLES)
     proc = subprocess.run(
-        [sys.executable, "-m", "rotserve.bench.rotation_op", json.dumps(options)],
+        [sys.executable, "-m", "benchmarks.rotation_op", json.dumps(options)],
         capture_output=True,
         text=True,
         env=env,

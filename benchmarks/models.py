@@ -2,12 +2,12 @@
 
 Why random weights: the benchmarks time arithmetic, not answers, and must run without a
 download. The shapes are those of real models, so every matmul, attention and norm costs what
-it would on the real checkpoint. The one deliberate difference is the vocabulary: the toy BPE
-tokenizer stops at 2890 tokens, and a model whose vocab is larger than its tokenizer samples
-ids the detokenizer cannot decode (random weights pick every id), so the vocab is the
-tokenizer's (2048). Qwen2.5-0.5B's real lm_head (151936 x 896) would add ~136M multiply-adds
-per generated token that neither contender steers, so this model makes the rotation's
-relative overhead look larger, not smaller.
+it would on the real checkpoint. The one deliberate difference is the vocabulary: every tiny
+model copies the toy tokenizer (rotserve.tiny_model, 1024 byte-level BPE tokens), and a model
+whose vocab is larger than its tokenizer samples ids the detokenizer cannot decode (random
+weights pick every id), so the vocab is the tokenizer's. Qwen2.5-0.5B's real lm_head
+(151936 x 896) would add ~136M multiply-adds per generated token that neither contender steers,
+so this model makes the rotation's relative overhead look larger, not smaller.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
-    vocab_size: int = 2048
+    vocab_size: int = 1024  # rotserve.tiny_model.TOY_VOCAB_SIZE: tiny models must match it
     arch: str = "qwen2"
 
     @property
@@ -59,7 +59,7 @@ QWEN25_05B = ModelShape("qwen2.5-0.5b-shaped", 896, 24, 14, 2, 4864)
 # hooks on the 0.5B shape takes minutes for a 36-angle grid on 2 cores).
 SMALL = ModelShape("small-qwen2", 512, 8, 8, 2, 1536)
 # For the test suite's smoke test only.
-TINY = ModelShape("tiny-qwen2", 128, 2, 4, 2, 256, vocab_size=1024)
+TINY = ModelShape("tiny-qwen2", 128, 2, 4, 2, 256)
 
 PLANE_SEED = 1234
 
@@ -70,7 +70,7 @@ def model_dir(shape: ModelShape, root: Path) -> Path:
     A stamp file records the shape, so a changed shape rebuilds instead of silently reusing
     a stale checkpoint.
     """
-    from rotserve.toy.tiny import make_tiny_model
+    from rotserve.tiny_model import make_tiny_model
 
     out = root / shape.name
     stamp = out / "rotserve_bench_shape.json"

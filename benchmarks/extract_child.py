@@ -4,7 +4,7 @@ The benchmark starts this as a child process so that the peak RSS it reports (ge
 ru_maxrss, which the kernel tracks for the process: tracemalloc would miss torch's tensors)
 belongs to the extraction alone, not to the benchmark's engines and models.
 
-    python -m rotserve.bench.extract_child MODEL OUT_DIR [--limit N] [--batch-size B]
+    python -m benchmarks.extract_child MODEL OUT_DIR [--limit N] [--batch-size B]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rotserve.extract import ExtractConfig, extract_from_loaded
     from rotserve.extract.candidates import HARMFUL, HARMLESS
     from rotserve.hf.generate import load_hf_model
-    from rotserve.prompts import DEFAULT_PROMPTS, load_prompts
+    from rotserve.paths import default_prompts
+    from rotserve.prompts import load_prompts
 
     rss_start = _rss()
     t0 = time.perf_counter()
@@ -45,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     rss_loaded = _rss()
     prompts = {
-        HARMFUL: load_prompts(DEFAULT_PROMPTS[HARMFUL], limit=args.limit),
-        HARMLESS: load_prompts(DEFAULT_PROMPTS[HARMLESS], limit=args.limit),
+        HARMFUL: load_prompts(default_prompts()[HARMFUL], limit=args.limit),
+        HARMLESS: load_prompts(default_prompts()[HARMLESS], limit=args.limit),
     }
     cfg = ExtractConfig(
         model=args.model,
