@@ -102,6 +102,7 @@ def run_grid(
             requeued_shards=stats.requeued,
             duplicates_dropped=stats.duplicates_dropped,
             engine_info=stats.engine_info,
+            parts=stats.part_origin,  # which engine, node and host wrote each part
             rows_per_s=_round(rate),
             steady_rows_per_s=_round(steady),
             timings={k: round(v, 2) for k, v in timings.items()},

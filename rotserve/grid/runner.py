@@ -232,8 +232,11 @@ class EngineWorker:
         t0 = time.perf_counter()
         self.engine = (factory or make_engine)(spec)
         self.ctx = ctx
+        import ray
+
         self.info = {
             "slot": slot,
+            "node": ray.get_runtime_context().get_node_id(),  # Ray's id: unique per node
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "startup_s": round(time.perf_counter() - t0, 2),
@@ -267,6 +270,7 @@ class FanOutStats:
     requeued: list[str] = field(default_factory=list)
     duplicates_dropped: int = 0
     engine_info: list[dict[str, Any]] = field(default_factory=list)
+    part_origin: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> its engine
     first_row_s: float | None = None  # engines started .. first part on disk (~ engine startup)
     first_part_rows: int = 0
     wall_s: float = 0.0
@@ -430,12 +434,13 @@ class FanOut:
         if self.stats.first_row_s is None:
             self.stats.first_row_s = time.perf_counter() - t0
             self.stats.first_part_rows = table.num_rows
+        origin = {k: info[k] for k in ("slot", "node", "host", "pid")}
+        self.stats.part_origin[shard_id] = origin
         if not any(
-            i.get("pid") == info.get("pid") and i.get("host") == info.get("host")
-            for i in self.stats.engine_info
+            i["pid"] == info["pid"] and i["node"] == info["node"] for i in self.stats.engine_info
         ):
             self.stats.engine_info.append(
-                {k: info[k] for k in ("slot", "pid", "host", "startup_s", "cpu_bind")}
+                {k: info[k] for k in ("slot", "node", "host", "pid", "startup_s", "cpu_bind")}
             )
         if self.on_rows:
             self.on_rows(table.num_rows, self.stats)
