@@ -21,7 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, max_abs_diff, require_vllm
+from vllm_fixtures import (
+    ENGINE_KWARGS,
+    INSTRUCTIONS,
+    assert_mixed_batch_matches_oracle,
+    require_vllm,
+)
 
 require_vllm()
 pytest.importorskip("gguf", reason="rotserve[gguf] is not installed")
@@ -91,33 +96,10 @@ def test_vllm_matches_the_hf_oracle_on_real_weights(smollm2, plane):
     """Every (prompt, angle, mode) of one mixed vLLM batch equals HF hooks, token for token."""
     from rotserve.engine import RotServeEngine
     from rotserve.hf import HFRotatedGenerator
-    from rotserve.prompts import chat_prompt
 
-    cases = [(t, a, ad) for t in INSTRUCTIONS[:2] for a in ANGLES for ad in (False, True)]
-    cases += [(t, None, False) for t in INSTRUCTIONS[:2]]
-    with RotServeEngine(smollm2, plane, enforce_eager=True, **ENGINE_KWARGS) as engine:
-        got = engine.generate(
-            [t for t, _, _ in cases],
-            [a for _, a, _ in cases],
-            adaptive=[ad for _, _, ad in cases],
-            max_tokens=NEW_TOKENS,
-            logprobs=True,
-        )
-        prompts = [chat_prompt(engine.tokenizer, t) for t, _, _ in cases]
     oracle = HFRotatedGenerator(smollm2, plane)
-    changed, worst = 0, 0.0
-    unsteered = {}
-    for (text, angle, adaptive), prompt, rec in zip(cases, prompts, got, strict=True):
-        ref = oracle.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=NEW_TOKENS)[0]
-        label = f"{text!r} angle={angle} adaptive={adaptive}"
-        assert rec.token_ids == ref.token_ids, label
-        worst = max(worst, max_abs_diff(rec.logprobs, ref.logprobs))
-        assert worst < LOGPROB_TOL, label
-        if angle is None:
-            unsteered[text] = rec.token_ids
-    for (text, angle, _), rec in zip(cases, got, strict=True):
-        changed += angle is not None and rec.token_ids != unsteered[text]
-    print(
-        f"\n{changed} of {len(cases) - 2} steered rows differ from unsteered; max |dlogprob| {worst:.2e}"
-    )
-    assert changed >= len(cases) // 2, "steering changed almost nothing: the check is too weak"
+    with RotServeEngine(smollm2, plane, enforce_eager=True, **ENGINE_KWARGS) as engine:
+        changed, worst = assert_mixed_batch_matches_oracle(
+            engine, oracle, INSTRUCTIONS[:2], ANGLES, NEW_TOKENS, LOGPROB_TOL
+        )
+    print(f"\n{changed} steered rows differ from unsteered; max |dlogprob| {worst:.2e}")

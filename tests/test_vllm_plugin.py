@@ -20,6 +20,7 @@ import torch
 from vllm_fixtures import (
     ENGINE_KWARGS,
     INSTRUCTIONS,
+    assert_mixed_batch_matches_oracle,
     max_abs_diff,
     require_vllm,
 )
@@ -280,27 +281,9 @@ def test_engine_runs_multiprocess(engine):
 
 def test_parity_with_hf_generator_in_one_mixed_batch(engine, hf_qwen2):
     """Every angle x plain/adaptive x prompt in ONE vLLM batch, each row vs HF hooks alone."""
-    cases = [(t, a, ad) for t in INSTRUCTIONS[:2] for a in ANGLES for ad in (False, True)]
-    cases += [(t, None, False) for t in INSTRUCTIONS[:2]]
-    records = engine.generate(
-        [t for t, _, _ in cases],
-        [a for _, a, _ in cases],
-        adaptive=[ad for _, _, ad in cases],
-        max_tokens=NEW_TOKENS,
-        logprobs=True,
+    assert_mixed_batch_matches_oracle(
+        engine, hf_qwen2, INSTRUCTIONS[:2], ANGLES, NEW_TOKENS, LOGPROB_TOL
     )
-    prompts = _chat(engine, [t for t, _, _ in cases])
-    for (text, angle, adaptive), prompt, rec in zip(cases, prompts, records, strict=True):
-        ref = hf_qwen2.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=NEW_TOKENS)[0]
-        label = f"{text!r} angle={angle} adaptive={adaptive}"
-        assert rec.prompt == prompt
-        assert rec.token_ids == ref.token_ids, label
-        assert rec.output_tokens == len(ref.token_ids)
-        assert max_abs_diff(rec.logprobs, ref.logprobs) < LOGPROB_TOL, label
-    # The angles must actually steer: not every row may equal the unsteered one.
-    unsteered = {r.instruction: r.token_ids for r in records if r.angle is None}
-    changed = sum(r.token_ids != unsteered[r.instruction] for r in records)
-    assert changed >= len(cases) // 2
 
 
 def test_mixed_batch_equals_one_by_one(engine):

@@ -60,3 +60,36 @@ def wait_for_health(url: str, timeout: float, proc: Any = None) -> None:
 def max_abs_diff(a: list[float], b: list[float]) -> float:
     n = min(len(a), len(b))
     return max((abs(x - y) for x, y in zip(a[:n], b[:n], strict=True)), default=0.0)
+
+
+def assert_mixed_batch_matches_oracle(
+    engine: Any, oracle: Any, instructions: list[str], angles: tuple, new_tokens: int, tol: float
+) -> tuple[int, float]:
+    """Every (instruction, angle, plain/adaptive) and each instruction unsteered, in ONE vLLM
+    batch, each row equal to the HF oracle alone: same tokens, log-probs within tol. Returns
+    (steered rows that differ from their unsteered row, worst |log-prob difference|), and
+    fails if steering changed fewer than half the rows (a check too weak to mean anything)."""
+    from rotserve.prompts import chat_prompt
+
+    cases = [(t, a, ad) for t in instructions for a in angles for ad in (False, True)]
+    cases += [(t, None, False) for t in instructions]
+    got = engine.generate(
+        [t for t, _, _ in cases],
+        [a for _, a, _ in cases],
+        adaptive=[ad for _, _, ad in cases],
+        max_tokens=new_tokens,
+        logprobs=True,
+    )
+    worst = 0.0
+    for (text, angle, adaptive), rec in zip(cases, got, strict=True):
+        prompt = chat_prompt(engine.tokenizer, text)
+        ref = oracle.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=new_tokens)[0]
+        label = f"{text!r} angle={angle} adaptive={adaptive}"
+        assert rec.prompt == prompt, label
+        assert rec.token_ids == ref.token_ids, label
+        worst = max(worst, max_abs_diff(rec.logprobs, ref.logprobs))
+        assert worst < tol, label
+    unsteered = {r.instruction: r.token_ids for r in got if r.angle is None}
+    changed = sum(r.angle is not None and r.token_ids != unsteered[r.instruction] for r in got)
+    assert changed >= len(cases) // 2, "steering changed almost nothing: the check is too weak"
+    return changed, worst
