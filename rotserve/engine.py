@@ -25,7 +25,7 @@ from typing import Any
 
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
-from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
+from rotserve.steering import SteeringSetup, prepare_steering
 from rotserve.vllm_plugin.config import (
     RequestSteering,
     RotServeConfigError,
@@ -72,8 +72,9 @@ class RotServeEngine:
         hf_overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         logits_processors = list(llm_kwargs.pop("logits_processors", None) or [])
         if plane is not None:
-            info = ModelInfo.from_pretrained(self.model, llm_kwargs.get("revision"))
-            self.setup = prepare_steering(self.model, plane, layers=layers, sites=sites, info=info)
+            self.setup = prepare_steering(
+                self.model, plane, layers=layers, sites=sites, revision=llm_kwargs.get("revision")
+            )
             hf_overrides = self.setup.hf_overrides(hf_overrides)
             logits_processors = self.setup.logits_processors(logits_processors)
         elif layers is not None or sites is not None:

@@ -25,6 +25,15 @@ from rotserve.vllm_plugin.config import DEFAULT_SITES
 MIDDLEWARE = "rotserve.http_steering.SteeringMiddleware"
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers takes layer indices separated by commas, e.g. 8,9,10; got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
@@ -36,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plane", default=str(toy_plane()), help="plane .safetensors (the toy plane)")
     p.add_argument(
-        "--layers", default=None, help="comma-separated layer indices to steer (default: all)"
+        "--layers",
+        type=_layer_list,
+        default=None,
+        help="comma-separated layer indices to steer, e.g. 8,9,10 (default: all)",
     )
     p.add_argument(
         "--sites",
@@ -68,9 +80,8 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
     from rotserve.http_steering import PLANE_ID_ENV
     from rotserve.steering import prepare_steering
 
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     setup = prepare_steering(
-        args.model, args.plane, layers=layers, sites=[s for s in args.sites.split(",") if s]
+        args.model, args.plane, layers=args.layers, sites=[s for s in args.sites.split(",") if s]
     )
     argv = [
         *vllm_serve_argv(args.model),

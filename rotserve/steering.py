@@ -97,32 +97,23 @@ class SteeringSetup:
 
 def prepare_steering(
     model: str | Path,
-    plane: str | Path | Plane,
+    plane: str | Path,
     *,
     layers: Sequence[int] | None = None,
     sites: Sequence[str] | None = None,
     revision: str | None = None,
     info: ModelInfo | None = None,
-    plane_path: str | Path | None = None,
 ) -> SteeringSetup:
-    """Check that `plane` can steer `model` at `layers` x `sites`; raise with the fix if not.
-
-    `plane` is a path, or an already loaded Plane together with the `plane_path` the engine
-    workers will load it from. `info` skips re-reading a config the caller already read.
-    """
+    """Check that the plane file can steer `model` at `layers` x `sites`; raise with the fix
+    if not. `info` skips re-reading a config the caller already read."""
     info = info or ModelInfo.from_pretrained(model, revision)
     architecture = rotated_architecture(info.architecture)
-    if isinstance(plane, Plane):
-        if plane_path is None:
-            raise ValueError("a loaded Plane needs plane_path: the engine workers load the file")
-        loaded, path = plane, Path(plane_path)
-    else:
-        path = Path(plane)
-        loaded = load_plane(path)
+    path = Path(plane).expanduser().resolve()
+    loaded = load_plane(path)
     loaded.check_hidden_size(info.hidden_size, model=info.model)
     settings = EngineSteering.from_dict(
         {
-            "plane": str(path.expanduser().resolve()),
+            "plane": str(path),
             "layers": list(layers) if layers is not None else None,
             "sites": list(sites) if sites is not None else None,
         }
