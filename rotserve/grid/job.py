@@ -189,6 +189,7 @@ def _run_pending(
             temperature=float(c.temperature),
             seed=c.seed,
             samples=c.samples_per_prompt,
+            coherence=c.coherence,
         )
         bar = tqdm(
             total=plan.n_rows,
