@@ -1,22 +1,23 @@
 """The start-up canary: proof, on this engine, that steering is live in prefill AND decode.
 
 Every steered engine (RotServeEngine, `rotserve serve`, every grid actor) runs it once after
-vLLM has started and refuses to serve if it fails. It costs three tiny engine calls (measured
-in tests/test_canary.py: well under 2 s on 2 CPU cores with the toy model):
+vLLM has started and refuses to serve if it fails. It costs three tiny engine calls (`canary_s`
+in BENCHMARKS.md: well under the 2 s target on 2 CPU cores):
 
     batch   one probe prompt, unsteered and at two steerings, in ONE batch, a few tokens each
     alone   the same three requests one at a time
-    refeed  each steered probe + its generated tokens sent back as a prompt (prompt log-probs),
-            under its own steering and unsteered, in one batch
+    refeed  each probe + its generated tokens sent back as a prompt (prompt log-probs), under
+            its own steering and unsteered, in one batch
 
-and checks, with a tolerance set by the dtype:
+and checks (agreement within the dtype's tolerance; "differs" against the numerical noise the
+same run measures, batch vs alone and decode vs re-run of the unsteered probe):
 - prefill is steered: the steered requests' prompt log-probs differ from the unsteered one's;
 - one batch mixing steerings equals each request alone (token-to-request mapping is right);
 - decode is steered: the log-prob of every token a decode step produced equals that token's
   log-prob when the whole sequence is re-run as a steered prompt, and differs from the
   unsteered re-run. A runner that steered the prompt but replayed decode steps without the
   per-token table (the failure mode of CUDA-graph replays) fails this check. For power, the
-  steered and unsteered re-runs of at least one probe must differ clearly.
+  steered and unsteered re-runs of at least one probe must differ by more than the noise.
 
 Every probe carries a unique prefix-cache salt, so no request can reuse another's KV cache
 (a cache hit would make "alone" trivially equal to "batch").
@@ -126,11 +127,10 @@ def alone_probes(first: Sequence[Probe], nonce: str) -> list[Probe]:
 
 
 def refeed_probes(first: Sequence[Probe], results: Sequence[ProbeResult]) -> list[Probe]:
-    """Each steered probe's prompt + generation as a prompt: under its steering, then unsteered."""
+    """Each probe's prompt + generation as a prompt, under its own steering and unsteered
+    (for the unsteered probe both are unsteered: the numerical noise floor of the re-run)."""
     probes = []
     for p, r in zip(first, results, strict=True):
-        if not p.steering.active:
-            continue
         ids = r.prompt_token_ids + r.token_ids
         probes.append(Probe(ids, p.steering, 1, f"{p.salt}-refeed"))
         probes.append(Probe(ids, UNSTEERED, 1, f"{p.salt}-refeed-unsteered"))
@@ -186,22 +186,23 @@ def judge(
     refeed: Sequence[ProbeResult],
     tol: float,
 ) -> tuple[Check, ...]:
-    """The three checks of the module docstring; `refeed` as refeed_probes orders it."""
-    power = 3 * tol  # a difference below this could be noise, so it proves nothing
-    base = next(r for p, r in zip(probes, batch, strict=True) if not p.steering.active)
-    steered = [(p, r) for p, r in zip(probes, batch, strict=True) if p.steering.active]
+    """The three checks of the module docstring; `refeed` as refeed_probes orders it.
 
-    moved = [_worst(r.prompt_logprobs, base.prompt_logprobs) for _, r in steered]
-    prefill = Check(
-        "prefill is steered",
-        all(m > power for m in moved),
-        "steered vs unsteered prompt log-probs differ by up to "
-        + ", ".join(f"{m:.3g}" for m in moved)
-        + f" (must exceed {power:.3g})",
-    )
+    "Steering changed something" is judged against noise measured in the same run, not a fixed
+    threshold: a weak plane on a small model in bfloat16 moves log-probs by a tenth of a nat,
+    which is still ten times the numerical noise. Agreement (batch vs alone, decode vs re-run)
+    is judged against the dtype's tolerance.
+    """
+    rows = list(zip(probes, batch, alone, refeed[0::2], refeed[1::2], strict=True))
+    base = next(b for p, b, *_ in rows if not p.steering.active)
+
+    def decode_part(run: ProbeResult, of: ProbeResult) -> tuple[float, ...]:
+        # prompt log-prob index of generated token j is n - 1 + j; tokens j >= 1 came from
+        # decode steps (token 0 from the prefill)
+        return run.prompt_logprobs[len(of.prompt_token_ids) :]
 
     gaps, token_mismatch = [], []
-    for p, b, a in zip(probes, batch, alone, strict=True):
+    for p, b, a, *_ in rows:
         gap = _worst(b.prompt_logprobs, a.prompt_logprobs)
         if b.token_ids == a.token_ids:
             gap = max(gap, _worst(b.logprobs, a.logprobs))
@@ -215,26 +216,43 @@ def judge(
         + (f"; different tokens at {', '.join(token_mismatch)}" if token_mismatch else ""),
     )
 
-    decode_gaps, decode_power = [], []
-    for i, (_, r) in enumerate(steered):
-        same, unsteered = refeed[2 * i], refeed[2 * i + 1]
-        n = len(r.prompt_token_ids)
-        # prompt log-prob index of generated token j is n - 1 + j; j >= 1 came from decode
-        want = same.prompt_logprobs[n - 1 + 1 :]
-        other = unsteered.prompt_logprobs[n - 1 + 1 :]
-        decode_gaps.append(_worst(r.logprobs[1:], want))
-        decode_power.append(_worst(want, other))
-    # Unsteered decode would move every steered probe off its re-run; one probe whose steered
-    # and unsteered re-runs differ clearly is enough to see it (a greedy token can be so likely
-    # that a weak steering barely moves its log-prob).
-    decode_ok = all(g <= tol for g in decode_gaps) and max(decode_power) > power
+    prefill_noise = 2 * max(gaps) + 1e-6
+    moved = [
+        _worst(b.prompt_logprobs, base.prompt_logprobs) for p, b, *_ in rows if p.steering.active
+    ]
+    prefill = Check(
+        "prefill is steered",
+        all(m > prefill_noise for m in moved),
+        "steered vs unsteered prompt log-probs differ by up to "
+        + ", ".join(f"{m:.3g}" for m in moved)
+        + f" (must exceed twice the batch-vs-alone noise: {prefill_noise:.3g})",
+    )
+
+    unsteered_row = next(r for r in rows if not r[0].steering.active)
+    _, ub, _, u_same, _ = unsteered_row
+    decode_noise = 2 * _worst(ub.logprobs[1:], decode_part(u_same, ub)) + 1e-6
+    same_gaps, powers, closer = [], [], []
+    for p, b, _, same, other in rows:
+        if not p.steering.active:
+            continue
+        want, unsteered = decode_part(same, b), decode_part(other, b)
+        same_gaps.append(_worst(b.logprobs[1:], want))
+        powers.append(_worst(want, unsteered))
+        closer.append(same_gaps[-1] < powers[-1] / 2)
+    # Unsteered decode would move every steered probe off its steered re-run towards the
+    # unsteered one; the probe that steering moves most shows it (a greedy token can be so
+    # likely that a weak steering barely moves its log-prob).
+    strongest = max(range(len(powers)), key=powers.__getitem__)
+    decode_ok = (
+        all(g <= tol for g in same_gaps) and powers[strongest] > decode_noise and closer[strongest]
+    )
     decode = Check(
         "decode is steered",
         decode_ok,
-        f"decode-step vs steered re-run log-probs differ by up to {max(decode_gaps):.3g} "
+        f"decode-step vs steered re-run log-probs differ by up to {max(same_gaps):.3g} "
         f"(tolerance {tol:.3g}); steered vs unsteered re-run by up to "
-        + ", ".join(f"{m:.3g}" for m in decode_power)
-        + f" (one must exceed {power:.3g})",
+        + ", ".join(f"{m:.3g}" for m in powers)
+        + f" (one must exceed twice the decode-vs-re-run noise: {decode_noise:.3g})",
     )
     return prefill, mixed, decode
 
