@@ -70,12 +70,16 @@ def _per_token_flag(flag: bool | list[bool], n: int) -> torch.Tensor:
     return torch.tensor([float(bool(f)) for f in flag], dtype=torch.float64)
 
 
-def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def rotate(
+    h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor, gate: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate each token of h inside the plane spanned by basis, per its row of table.
 
     h:      [N, H] activations, any float dtype (computed in float32, returned in h.dtype).
     basis:  [2, H] float32, rows b1 and b2, orthonormal.
-    table:  [N, 5] float32 per-token (cos, sin, active, adaptive, relative), see angle_table.
+    table:  [N, >=5] float32 per-token (cos, sin, active, adaptive, relative), see angle_table.
+    gate:   optional [N] float32, 1 to steer the token at this site, 0 to leave it (a
+            request's layer window: the same table serves every site, the gate says which).
 
     Written as broadcasts and row sums rather than matmuls with a [H, 2] matrix: torch.compile
     (vLLM compiles the model) fuses this form with the preceding RMSNorm into one kernel,
@@ -92,6 +96,50 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     b1, b2 = basis[0], basis[1]
     p1 = (x * b1).sum(-1)  # in-plane coordinates (h·b1, h·b2), [N]
     p2 = (x * b2).sum(-1)
+    coef = _coefficients(p1, p2, table, gate, x.dtype)  # [N, 3] per-token scalars
+    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
+    return torch.where(coef[:, 2:3] > 0, out, h)
+
+
+def rotate_planes(
+    h: torch.Tensor,
+    bases: torch.Tensor,
+    table: torch.Tensor,
+    onehot: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """rotate() with a plane per token, chosen among K loaded planes.
+
+    bases:  [K, 2, H] float32, K orthonormal planes (unused slots may be zero).
+    onehot: [N, K] float32, 1 at the token's plane (all zero for an unsteered token).
+
+    Shapes never depend on which planes a batch uses: h is projected on all K planes at once
+    ([N, H] @ [H, 2K]), the one-hot picks the token's two coordinates, and the update is
+    (one-hot x coefficients) @ [2K, H]. Every other plane's term is an exact zero, so the
+    result is the token's own plane's rotation. K = 1 is rotate() itself (the fused
+    broadcast form; no one-hot needed).
+    """
+    k = bases.shape[0]
+    if k == 1:  # fixed per engine (the buffer's shape), never a branch on values
+        return rotate(h, bases[0], table, gate)
+    x = h.float()
+    flat = bases.reshape(2 * k, bases.shape[-1])
+    coords = (x @ flat.T).view(-1, k, 2) * onehot[:, :, None]
+    p = coords.sum(1)  # [N, 2], the token's own plane's (h·b1, h·b2)
+    coef = _coefficients(p[:, 0], p[:, 1], table, gate, x.dtype)
+    delta = (onehot[:, :, None] * coef[:, None, 0:2]).reshape(-1, 2 * k) @ flat
+    out = (x + delta).to(h.dtype)
+    return torch.where(coef[:, 2:3] > 0, out, h)
+
+
+def _coefficients(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    table: torch.Tensor,
+    gate: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[N, 3]: how much of b1 and b2 to add to each token, and whether to steer it at all."""
     cos, sin = table[:, COS], table[:, SIN]
     relative = table[:, RELATIVE]
 
@@ -101,12 +149,11 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     t2 = relative * (p1 * sin + p2 * cos) + (1.0 - relative) * (r * sin)
 
     # m(h): plain mode steers every active token; adaptive only those leaning toward b1.
-    leaning = (p1 > 0).to(x.dtype)
+    leaning = (p1 > 0).to(dtype)
     mask = table[:, ACTIVE] * (1.0 - table[:, ADAPTIVE] * (1.0 - leaning))
-
-    coef = torch.stack([t1 - p1, t2 - p2, mask], dim=-1)  # [N, 3] per-token scalars
-    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
-    return torch.where(coef[:, 2:3] > 0, out, h)
+    if gate is not None:
+        mask = mask * gate
+    return torch.stack([t1 - p1, t2 - p2, mask], dim=-1)
 
 
 def rotate_to(

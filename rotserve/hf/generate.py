@@ -137,20 +137,29 @@ class HFRotatedGenerator:
         temperature: float = 0.0,
         seed: int | None = None,
         batch_size: int = 16,
+        relative: bool | Sequence[bool] = False,
     ) -> list[HFGeneration]:
-        """prompts are already chat-templated strings; one angle per prompt, None = unsteered."""
+        """prompts are already chat-templated strings; one angle per prompt, None = unsteered;
+        `relative` per prompt (or shared): "rotate by" the angle instead of "rotate to"."""
         if len(angles) != len(prompts):
             raise ValueError(
                 f"{len(prompts)} prompts but {len(angles)} angles: give one per prompt"
             )
         flags = [adaptive] * len(prompts) if isinstance(adaptive, bool) else list(adaptive)
+        turns = [relative] * len(prompts) if isinstance(relative, bool) else list(relative)
         if self.hooks is None and any(a is not None for a in angles):
             raise ValueError("angles given but the generator has no plane")
         out: list[HFGeneration] = []
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
             out += self._generate_batch(
-                list(prompts[sl]), list(angles[sl]), flags[sl], max_new_tokens, temperature, seed
+                list(prompts[sl]),
+                list(angles[sl]),
+                flags[sl],
+                max_new_tokens,
+                temperature,
+                seed,
+                turns[sl],
             )
         return out
 
@@ -162,6 +171,7 @@ class HFRotatedGenerator:
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
+        relative: list[bool] | None = None,
     ) -> list[HFGeneration]:
         device = next(self.model.parameters()).device
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -180,7 +190,7 @@ class HFRotatedGenerator:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        table = angle_table(angles, adaptive=adaptive)
+        table = angle_table(angles, adaptive=adaptive, relative=relative or False)
         if self.hooks is not None:
             with self.hooks.steering(table):
                 res = self.model.generate(**enc, **kwargs)
