@@ -113,22 +113,22 @@ def rotate_planes(
     bases:  [K, 2, H] float32, K orthonormal planes (unused slots may be zero).
     onehot: [N, K] float32, 1 at the token's plane (all zero for an unsteered token).
 
-    Shapes never depend on which planes a batch uses: h is projected on all K planes at once
-    ([N, H] @ [H, 2K]), the one-hot picks the token's two coordinates, and the update is
-    (one-hot x coefficients) @ [2K, H]. Every other plane's term is an exact zero, so the
-    result is the token's own plane's rotation. K = 1 is rotate() itself (the fused
-    broadcast form; no one-hot needed).
+    Shapes never depend on which planes a batch uses: every token reads its own plane's b1,
+    b2 from the [K, 2, H] buffer by index, and the arithmetic is rotate()'s, so a token gets
+    exactly what rotate() with its plane alone gives it. K = 1 is rotate() itself.
     """
-    k = bases.shape[0]
-    if k == 1:  # fixed per engine (the buffer's shape), never a branch on values
+    if bases.shape[0] == 1:  # fixed per engine (the buffer's shape), never a branch on values
         return rotate(h, bases[0], table, gate)
     x = h.float()
-    flat = bases.reshape(2 * k, bases.shape[-1])
-    coords = (x @ flat.T).view(-1, k, 2) * onehot[:, :, None]
-    p = coords.sum(1)  # [N, 2], the token's own plane's (h·b1, h·b2)
-    coef = _coefficients(p[:, 0], p[:, 1], table, gate, x.dtype)
-    delta = (onehot[:, :, None] * coef[:, None, 0:2]).reshape(-1, 2 * k) @ flat
-    out = (x + delta).to(h.dtype)
+    # Each token's own basis, by index: under torch.compile an indexed load inside the same
+    # fused row kernel as rotate() (no [N, 2, H] tensor is materialised). Projecting on all
+    # K planes with a [H, 2K] matmul instead measured 14x slower per site at K = 8 on CPU.
+    index = onehot.argmax(-1)  # an unsteered row's all-zero one-hot picks slot 0, masked anyway
+    b1, b2 = bases[index, 0], bases[index, 1]
+    p1 = (x * b1).sum(-1)
+    p2 = (x * b2).sum(-1)
+    coef = _coefficients(p1, p2, table, gate, x.dtype)
+    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
     return torch.where(coef[:, 2:3] > 0, out, h)
 
 

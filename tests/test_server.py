@@ -39,7 +39,8 @@ def server(tiny_qwen2, tiny_plane, tmp_path_factory):
     passthrough += ["--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"])]
     command = serve_command(args, [*passthrough, "--seed", "0"])
     cmd = command.argv
-    assert cmd[cmd.index("--logits-processors") + 1] == TRACKER_FQCN
+    # The tracker bound to this engine's catalog (planes and windows checked at admission).
+    assert cmd[cmd.index("--logits-processors") + 1].startswith(TRACKER_FQCN + "__")
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, **command.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"

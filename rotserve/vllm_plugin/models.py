@@ -76,6 +76,8 @@ class RotServeCausalLMMixin:
         ).to(device)
         steered = install_rotation(layers, self.rotation, self.rotserve_catalog.steerable)
         self._check_runner(vllm_config)
+        if self._rotserve_tracker is not None:  # V1: its rows gain our plane and gate columns
+            self._rotserve_tracker.attach_catalog(self.rotserve_catalog)
         if vllm_config.cache_config.enable_prefix_caching:
             # Block hashes cover tokens, LoRA and cache_salt, not extra_args: without a salt,
             # a request at one angle would reuse KV computed at another.
@@ -128,7 +130,6 @@ class RotServeCausalLMMixin:
                 "the per-step angle table update. Use the V2 runner (vLLM's GPU default), "
                 'compilation_config={"cudagraph_mode": "PIECEWISE"}, or enforce_eager=True'
             )
-        tracker.attach_catalog(self.rotserve_catalog)
         self._rotserve_tracker = tracker
         self._rotserve_runner = "v1"
 
