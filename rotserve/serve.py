@@ -92,7 +92,7 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
     model name (MODEL@150). The middleware learns the plane id from the environment.
     """
     from rotserve.http_steering import CATALOG_ENV, PLANE_ID_ENV
-    from rotserve.steering import prepare_steering
+    from rotserve.steering import plane_options, prepare_steering
 
     plane, planes = plane_options(args.plane or [str(toy_plane())])
     setup = prepare_steering(
@@ -113,29 +113,6 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
     ]  # fmt: skip
     env = {PLANE_ID_ENV: setup.plane.plane_id, CATALOG_ENV: setup.catalog.to_json()}
     return ServeCommand(argv=argv, env=env)
-
-
-def plane_options(values: list[str]) -> tuple[str | None, dict[str, str] | None]:
-    """--plane values -> (one plane file, None) or (None, {name: file}).
-
-    One bare FILE is the single-plane form; otherwise every value must be NAME=FILE.
-    """
-    from rotserve.vllm_plugin.config import RotServeConfigError, check_plane_name
-
-    if len(values) == 1 and "=" not in values[0]:
-        return values[0], None
-    planes: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not path:
-            raise RotServeConfigError(
-                f"--plane {value!r}: with several planes give each as NAME=FILE "
-                "(e.g. --plane maxsim=plane.safetensors --plane rand=random.safetensors)"
-            )
-        if name in planes:
-            raise RotServeConfigError(f"--plane: the name {name!r} is given twice")
-        planes[check_plane_name(name)] = path
-    return None, planes
 
 
 def vllm_serve_argv(model: str) -> list[str]:

@@ -30,6 +30,7 @@ from rotserve.vllm_plugin.config import (
     RequestSteering,
     ResolvedSteering,
     RotServeConfigError,
+    check_plane_name,
     is_tracker_fqcn,
     rotated_architecture,
 )
@@ -172,3 +173,25 @@ def tracker_installed(listed: Sequence[Any]) -> bool:
     return any(is_tracker_fqcn(name) for name in names) or any(
         getattr(p, "__name__", "").startswith("RotServeBatchTracker") for p in listed
     )
+
+
+def plane_options(values: list[str]) -> tuple[str | None, dict[str, str] | None]:
+    """--plane values -> (one plane file, None) or (None, {name: file}).
+
+    Bare FILEs are the single-plane form (the last given wins); otherwise every value must be
+    NAME=FILE.
+    """
+    if all("=" not in v for v in values):
+        return values[-1], None  # bare files: the last one wins, as for any repeated flag
+    planes: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise RotServeConfigError(
+                f"--plane {value!r}: with several planes give each as NAME=FILE "
+                "(e.g. --plane maxsim=plane.safetensors --plane rand=random.safetensors)"
+            )
+        if name in planes:
+            raise RotServeConfigError(f"--plane: the name {name!r} is given twice")
+        planes[check_plane_name(name)] = path
+    return None, planes
