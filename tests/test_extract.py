@@ -229,6 +229,13 @@ def test_saved_plane_metadata_round_trips(tiny_qwen2, tmp_path):
     assert len(m.data[HARMFUL]["file_sha256"]) == 64
     assert [c["site"] for c in m.candidates] == [s.name for s in res.sites]
     assert [c["chosen"] for c in m.candidates].count(True) == 1
+    # The class means' projections on b1, per site: what `--layers selective` reads.
+    from rotserve.plane import selective_layers
+
+    assert all(isinstance(c["harmful_b1"], float) for c in m.candidates)
+    chosen = next(c for c in m.candidates if c["chosen"])
+    assert chosen["harmful_b1"] > chosen["harmless_b1"]  # b1 points from harmless to harmful
+    assert set(selective_layers(plane)) <= {0, 1}
     doc = json.loads((tmp_path / "p.candidates.json").read_text())
     assert doc["plane"]["plane_id"] == plane.plane_id and len(doc["candidates"]) == 4
     rows = list(csv.DictReader(open(tmp_path / "p.candidates.csv")))

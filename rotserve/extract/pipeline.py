@@ -26,6 +26,7 @@ import torch
 from rotserve.extract.activations import ActivationReader
 from rotserve.extract.candidates import (
     HARMFUL,
+    HARMLESS,
     LABELS,
     Candidates,
     CandidateStat,
@@ -230,6 +231,8 @@ def _place_in_plane(
         # Where the candidate points inside the plane: a refusal peak away from 0 degrees in
         # a sweep often sits at the angle of some candidate (e.g. an early-layer outlier).
         row.plane_angle = round(math.degrees(math.atan2(row.cos_b2, row.cos_b1)), 3) % 360.0
+        row.harmful_b1 = float(cands.means[HARMFUL][i] @ second.b1)
+        row.harmless_b1 = float(cands.means[HARMLESS][i] @ second.b1)
         row.chosen = i == chosen
 
 

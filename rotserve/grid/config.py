@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.paths import DATA_DIR_ENV, PLANE_FILENAME, default_prompts, toy_model_dir
-from rotserve.plane import Plane, PlaneError, file_sha256
+from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
 from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
 from rotserve.vllm_plugin.config import (
@@ -190,7 +190,9 @@ class ResolvedGrid:
     run_id: str
     out: Path
     plane_shas: tuple[tuple[str, str], ...] = ()  # (name, sha256) of every plane, slot order
-    windows: tuple[str, ...] = ("all",)  # canonical layer windows
+    windows: tuple[str, ...] = ("all",)  # canonical layer windows (and "selective")
+    # "selective" per plane: (name, canonical layer list) from the plane's statistics.
+    selective: tuple[tuple[str, str], ...] = ()
 
     @property
     def plane_names(self) -> tuple[str, ...]:
@@ -287,6 +289,7 @@ def resolve(config: GridConfig) -> ResolvedGrid:
         for i, (name, path) in enumerate(steering.settings.planes)
     )
     windows = _windows(config.windows, steering.info.num_layers)
+    selective = _selective(steering) if SELECTIVE in windows else ()
     identity = run_identity(config, model, plane_sha, prompt_sets, angles, plane_shas, windows)
     run_id = identity_hash(identity)
     out = (
@@ -306,7 +309,22 @@ def resolve(config: GridConfig) -> ResolvedGrid:
         out=out,
         plane_shas=plane_shas,
         windows=windows,
+        selective=selective,
     )
+
+
+SELECTIVE = "selective"  # the window of each plane's own selective layers
+
+
+def _selective(steering: SteeringSetup) -> tuple[tuple[str, str], ...]:
+    out = []
+    for name, plane in zip(steering.settings.plane_names, steering.planes, strict=True):
+        try:
+            layers = selective_layers(plane, f"plane {name!r}")
+        except PlaneError as e:
+            raise GridConfigError(f"--layers selective: {e}") from None
+        out.append((name, ",".join(map(str, layers)) or "none"))
+    return tuple(out)
 
 
 def _windows(windows: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
@@ -316,8 +334,11 @@ def _windows(windows: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
     out: list[str] = []
     for raw in windows:
         try:
-            spec = canonical_window(raw, "--layers")
-            window_layers(spec, num_layers)
+            spec = (
+                SELECTIVE if raw.strip().lower() == SELECTIVE else canonical_window(raw, "--layers")
+            )
+            if spec != SELECTIVE:
+                window_layers(spec, num_layers)
         except RequestSteeringError as e:
             raise GridConfigError(f"--layers {raw}: {e}") from None
         if spec in out:

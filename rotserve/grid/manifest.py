@@ -70,6 +70,7 @@ def build_manifest(
             )
         ],
         "windows": list(resolved.windows),
+        "selective_layers": dict(resolved.selective),
         "prompts": [
             {"label": s.label, "path": str(s.path), "sha256": s.sha256, "n": len(s.prompts)}
             for s in resolved.prompt_sets

@@ -91,6 +91,8 @@ class RowContext:
     temperature: float
     seed: int
     samples: int
+    # The "selective" window's layers per plane name (canonical list), for sweeps that use it.
+    selective: dict[str, str] = field(default_factory=dict)
 
 
 class GridEngine(Protocol):
@@ -168,7 +170,12 @@ def generate_shard(engine: GridEngine, shard: Shard, ctx: RowContext) -> list[di
     ):
         sweep = {
             "plane": [u.condition.plane for u in units],
-            "layers": [u.condition.window for u in units],
+            "layers": [
+                ctx.selective[u.condition.plane or ""]
+                if u.condition.window == "selective"
+                else u.condition.window
+                for u in units
+            ],
         }
     completions = engine.generate(
         [u.instruction for u in units],
