@@ -28,6 +28,30 @@ class SummaryRow:
     refusal_rate: float
     mean_output_tokens: float
     mean_fluency: float
+    # "PLANE [WINDOW]" of a plane/window sweep; "" for the baseline and for a run with one
+    # plane steering every layer (whose report reads as before sweeps existed).
+    setting: str = ""
+
+
+def setting_of(angle: float | None, plane: str | None, window: str | None) -> str:
+    if angle is None or (plane, window) in ((None, None), ("default", "all")):
+        return ""
+    return f"{plane} [{window}]"
+
+
+def settings(rows: Sequence[SummaryRow]) -> list[str]:
+    """The (plane, window) settings of the steered rows, first-seen order."""
+    return list(dict.fromkeys(r.setting for r in rows if r.mode != BASELINE))
+
+
+def by_setting(rows: Sequence[SummaryRow]) -> list[tuple[str, list[SummaryRow]]]:
+    """Each setting's rows plus the baseline rows, so every per-setting view has its
+    reference; a single unnamed setting gives [("", rows)]."""
+    base = [r for r in rows if r.mode == BASELINE]
+    return [
+        (s, base + [r for r in rows if r.mode != BASELINE and r.setting == s])
+        for s in settings(rows)
+    ] or [("", list(rows))]
 
 
 def mode_of(angle: float | None, adaptive: bool) -> str:
@@ -42,24 +66,39 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
         name: table.column(name).to_pylist()
         for name in ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency")
     }
-    acc: dict[tuple[str, str, float | None], list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    # Runs written before plane/window sweeps have neither column: one unnamed setting.
+    n_rows = table.num_rows
+    planes = table.column("plane").to_pylist() if "plane" in table.column_names else [None] * n_rows
+    windows = (
+        table.column("window").to_pylist() if "window" in table.column_names else [None] * n_rows
+    )
+    acc: dict[tuple[str, str, str, float | None], list[float]] = defaultdict(
+        lambda: [0, 0.0, 0.0, 0.0]
+    )
     order: list[str] = []
-    for ds, angle, adaptive, refused, tokens, flu in zip(*cols.values(), strict=True):
+    setting_order: list[str] = []
+    for ds, angle, adaptive, refused, tokens, flu, plane, window in zip(
+        *cols.values(), planes, windows, strict=True
+    ):
         if ds not in order:
             order.append(ds)
-        a = acc[(ds, mode_of(angle, adaptive), angle)]
+        setting = setting_of(angle, plane, window)
+        if setting not in setting_order:
+            setting_order.append(setting)
+        a = acc[(ds, mode_of(angle, adaptive), setting, angle)]
         a[0] += 1
         a[1] += bool(refused)
         a[2] += tokens
         a[3] += flu
     rows = [
-        SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n)
-        for (ds, mode, angle), (n, r, t, f) in acc.items()
+        SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, setting)
+        for (ds, mode, setting, angle), (n, r, t, f) in acc.items()
     ]
     rows.sort(
         key=lambda s: (
             order.index(s.dataset),
             MODE_ORDER.index(s.mode),
+            setting_order.index(s.setting),
             -1.0 if s.angle is None else s.angle,
         )
     )
@@ -68,8 +107,10 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
 
 def write_csv(rows: Sequence[SummaryRow], path: Path) -> Path:
     names = [f.name for f in fields(SummaryRow)]
+    if not any(r.setting for r in rows):
+        names.remove("setting")  # a run without plane/window sweeps: the columns it always had
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=names)
+        w = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             d = asdict(r)
@@ -94,16 +135,29 @@ def modes(rows: Sequence[SummaryRow]) -> list[str]:
 
 
 def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
-    """One wide table per mode: a row per angle (baseline first), three columns per dataset."""
+    """One wide table per mode (and per plane/window setting of a sweep): a row per angle
+    (baseline first), three columns per dataset."""
+    groups = by_setting(rows)
+    if len(groups) > 1 or groups[0][0]:
+        out = [f"# {title}", ""] if title else []
+        for setting, subset in groups:
+            out.append(_markdown(subset, f"{setting}", level="##").rstrip("\n"))
+            out.append("")
+        return "\n".join(out)
+    return _markdown(rows, title)
+
+
+def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> str:
     ds = datasets(rows)
     by = {(r.dataset, r.mode, r.angle): r for r in rows}
-    out = [f"# {title}", ""] if title else []
+    out = [f"{level} {title}", ""] if title else []
+    sub = level + "#"
     out.append(
         "Refusal rate (substring markers), mean fluency (0-1) and mean output tokens per dataset; "
         "n = rows per cell: " + ", ".join(f"{d} {_n(rows, d)}" for d in ds) + "."
     )
     for mode in modes(rows) or [BASELINE]:
-        out += ["", f"## {mode} mode" if mode != BASELINE else "## baseline only", ""]
+        out += ["", f"{sub} {mode} mode" if mode != BASELINE else f"{sub} baseline only", ""]
         header = ["angle"] + [f"{d} {k}" for d in ds for k in ("refusal", "fluency", "tokens")]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---:"] * len(header)) + "|")
@@ -158,7 +212,17 @@ def refusal_arcs(
 
 
 def short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
-    """The console summary: per mode and dataset, where it refuses; then a compact angle table."""
+    """The console summary: per mode and dataset, where it refuses; then a compact angle table
+    (one block per plane/window setting of a sweep)."""
+    groups = by_setting(rows)
+    if len(groups) > 1 or groups[0][0]:
+        return "\n\n".join(
+            f"== {setting} ==\n" + _short_text(subset, max_angles) for setting, subset in groups
+        )
+    return _short_text(rows, max_angles)
+
+
+def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
     ds = datasets(rows)
     by = {(r.dataset, r.mode, r.angle): r for r in rows}
     lines: list[str] = []
