@@ -156,6 +156,41 @@ def test_rotation_state_rows_carry_plane_and_gates():
         rows.set(2, parse_request({"rotserve_angle": 90, "rotserve_plane": "zz"}))
 
 
+def test_hf_oracle_mixes_planes_and_windows_like_each_alone(tiny_qwen2, tiny_plane, second_plane):
+    """The oracle's several-planes form (the plugin's rows and op, as hooks) in one HF batch
+    equals the single-plane oracle per row. (~5 s: 2 x 7 short HF generations)"""
+    from rotserve.hf import HFRotatedGenerator, RotationHooks
+    from rotserve.plane import load_plane
+    from rotserve.prompts import chat_prompt
+
+    planes = {"a": load_plane(tiny_plane), "b": load_plane(second_plane)}
+    mixed = HFRotatedGenerator(tiny_qwen2, None, planes=planes)
+    prompt = chat_prompt(mixed.tokenizer, INSTRUCTIONS[1])
+    cases = [("a", "all", 90.0), ("b", "all", 90.0), ("a", "1", 210.0), ("b", "0:1", 210.0),
+             ("b", "none", 90.0), (None, None, None), ("b", [0, 1], 300.0)]  # fmt: skip
+    got = mixed.generate(
+        [prompt] * len(cases),
+        [c[2] for c in cases],
+        plane=[c[0] for c in cases],
+        layers=[c[1] for c in cases],
+        max_new_tokens=12,
+    )
+    alone = HFRotatedGenerator(tiny_qwen2, None)
+    layers_of = {"all": None, "1": [1], "0:1": [0], "none": [], None: None}
+    for (plane, window, angle), rec in zip(cases, got, strict=True):
+        key = window if not isinstance(window, list) else None
+        if angle is None or window == "none":
+            alone.hooks = None
+        else:
+            alone.hooks = RotationHooks(alone.model, planes[plane], layers_of[key])
+        ref = alone.generate([prompt], [None if window == "none" else angle], max_new_tokens=12)[0]
+        assert rec.token_ids == ref.token_ids, (plane, window, angle)
+        assert max_abs_diff(list(rec.logprobs), list(ref.logprobs)) < 1e-5
+    assert got[0].token_ids != got[1].token_ids  # the two planes steer differently
+    with pytest.raises(RequestSteeringError, match="unknown plane"):
+        mixed.generate([prompt], [90.0], plane=["zz"], max_new_tokens=2)
+
+
 # -- one engine with two planes ---------------------------------------------------------------
 
 
