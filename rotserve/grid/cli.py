@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="WINDOW",
-        help="a layer window to steer: all, a:b (a Python slice), or a list like 3,4,5; repeat "
-        "to sweep several windows in one run (default: all)",
+        help="a layer window to steer: all, a:b (a Python slice), a list like 3,4,5, or "
+        "selective (per plane, the layers where the mean harmful and harmless activations "
+        "project on b1 with opposite signs, from the extraction statistics in the plane "
+        "file); repeat to sweep several windows in one run (default: all)",
     )
     g.add_argument(
         "--prompts",
