@@ -148,6 +148,9 @@ def test_bad_angle_is_a_400_and_the_server_keeps_serving(server, client):
         ({"rotserve_angle": "ninety"}, "rotserve_angle must be a number"),
         ({"rotserve_angle": 90.0, "rotserve_angel": 1}, "rotserve_angel"),
         ({"rotserve_angle": 90.0, "rotserve_mode": "sideways"}, "rotserve_mode"),
+        # The engine's planes and layers: refused per request (middleware and tracker alike).
+        ({"rotserve_angle": 90.0, "rotserve_plane": "nope"}, "unknown plane 'nope'"),
+        ({"rotserve_angle": 90.0, "rotserve_layers": "9"}, "layer 9 is out of range"),
     ]:
         with pytest.raises(openai.BadRequestError) as err:
             _complete(client, model, prompt, xargs)
