@@ -35,7 +35,16 @@ from typing import Any
 
 import torch
 
-from rotserve.rotation import ACTIVE, ADAPTIVE, COS, RELATIVE, SIN, angle_table, rotate
+from rotserve.rotation import (
+    ACTIVE,
+    ADAPTIVE,
+    COS,
+    RELATIVE,
+    SIN,
+    angle_table,
+    rotate,
+    rotate_planes,
+)
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EPS = 1e-6
@@ -269,6 +278,82 @@ def measure_in_graph(
     return out
 
 
+def measure_planes_in_graph(
+    tokens_list: Sequence[int],
+    hidden: int,
+    sites: int,
+    dtype: torch.dtype,
+    rounds: int,
+    block_seconds: float,
+    log: Callable[[str], None],
+    planes: Sequence[int] = (1, 8),
+) -> list[dict[str, Any]]:
+    """Per steered site, in one compiled graph: today's single-plane `rotate`, against the
+    engine's op `rotate_planes` (plane one-hot + per-site gate) with K planes loaded."""
+
+    def stack(rotate_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+        def run(x: torch.Tensor, weight: torch.Tensor, args: tuple) -> torch.Tensor:
+            for _ in range(sites):
+                normed = _rmsnorm(x, weight)
+                if rotate_fn is not None:
+                    normed = rotate_fn(normed, *args)
+                x = x + normed
+            return x
+
+        return run
+
+    out = []
+    for tokens in tokens_list:
+        h, basis, table = make_inputs(tokens, hidden, dtype)
+        weight = torch.ones(hidden)
+        gate = (torch.arange(tokens) % 4 != 1).float()  # a window: some tokens skip the site
+        calls: dict[str, Callable[[], Any]] = {
+            "norms_only": partial(torch.compile(stack(None), dynamic=True), h, weight, ()),
+            "rotate": partial(
+                torch.compile(stack(rotate), dynamic=True), h, weight, (basis, table)
+            ),
+        }
+        for k in planes:
+            g = torch.Generator().manual_seed(k)
+            bases = torch.stack(
+                [torch.linalg.qr(torch.randn(hidden, 2, generator=g))[0].t() for _ in range(k)]
+            ).contiguous()
+            onehot = torch.nn.functional.one_hot(torch.arange(tokens) % k, k).float()
+            calls[f"planes_{k}"] = partial(
+                torch.compile(stack(rotate_planes), dynamic=True),
+                h,
+                weight,
+                (bases, table, onehot, gate),
+            )
+        for fn in calls.values():
+            fn()
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        names = list(calls)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                times[name].append(_median_call(calls[name], 3, block_seconds))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        base = med["norms_only"]
+        per_site = {k: (v - base) / sites * 1e6 for k, v in med.items() if k != "norms_only"}
+        row = {
+            "tokens": tokens,
+            "hidden": hidden,
+            "sites": sites,
+            "dtype": _dtype_name(dtype),
+            "us_per_site": per_site,
+            "norm_us_per_site": base / sites * 1e6,
+            "planes_1_over_rotate": med["planes_1"] / med["rotate"] if "planes_1" in med else None,
+        }
+        log(
+            f"  planes in graph, {sites} sites x [{tokens}, {hidden}] {row['dtype']}: "
+            + ", ".join(f"{k} {v:.1f} us/site" for k, v in per_site.items())
+            + f" (norm {row['norm_us_per_site']:.1f})"
+        )
+        out.append(row)
+    return out
+
+
 def measure_rotation_op(
     shapes: Sequence[tuple[int, int]] = ((4096, 896),),
     dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32),
@@ -354,6 +439,20 @@ def _main(argv: Sequence[str]) -> int:
     import json
 
     options = json.loads(argv[0]) if argv else {}
+    if options.pop("planes_only", False):
+        # The multi-plane section alone, small: python -m benchmarks.rotation_op
+        # '{"planes_only": true, "tokens": [64, 1024], "hidden": 896, "sites": 24}'
+        rows = measure_planes_in_graph(
+            options.get("tokens", [64, 1024]),
+            options.get("hidden", 896),
+            options.get("sites", 24),
+            getattr(torch, options.get("dtype", "bfloat16")),
+            options.get("rounds", 5),
+            options.get("block_seconds", 0.1),
+            lambda m: print(m, flush=True),
+        )
+        print(RESULT_PREFIX + json.dumps({"planes_in_graph": rows}), flush=True)
+        return 0
     if "shapes" in options:  # JSON made the shape tuples lists
         options["shapes"] = [tuple(s) for s in options["shapes"]]
     result = measure_rotation_op(**options, log=lambda m: print(m, flush=True))

@@ -1,4 +1,5 @@
-"""Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction.
+"""Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction,
+coherence and the start-up canary.
 
     python jobs/bench.py            # full run (~30 min on 2 CPU cores)
     python jobs/bench.py --quick    # smaller sizes (~12 min once vLLM's compile cache is warm)

@@ -21,7 +21,7 @@ import contextlib
 import gc
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from rotserve.prompts import chat_prompt
 from rotserve.steering import SteeringSetup, prepare_steering
 from rotserve.vllm_plugin.config import (
     RequestSteering,
+    ResolvedSteering,
     RotServeConfigError,
     parse_request,
 )
@@ -53,6 +54,9 @@ class Completion:
     finish_reason: str | None
     logprobs: tuple[float, ...] | None = None  # of each generated token, when asked for
     prompt_token_ids: tuple[int, ...] = ()
+    plane: str | None = None  # the plane's name on this engine; None = unsteered
+    plane_id: str | None = None
+    layers: tuple[int, ...] = ()  # the steered layers (absolute); () = unsteered
 
     @property
     def output_tokens(self) -> int:
@@ -65,21 +69,36 @@ class RotServeEngine:
     def __init__(
         self,
         model: str | Path,
-        plane: str | Path | None,
+        plane: str | Path | None = None,
         dtype: str = "auto",
         layers: Sequence[int] | None = None,
         sites: Sequence[str] | None = None,
         enable_prefix_caching: bool = True,
         canary: bool = True,
+        *,
+        planes: Mapping[str, str | Path] | None = None,
+        max_planes: int | None = None,
+        steerable_layers: Sequence[int] | None = None,
         **llm_kwargs: Any,
     ) -> None:
+        """`plane` (one file) or `planes` (name -> file, the first is the default): each
+        request then picks its plane, layer window and sites (generate's plane/layers/sites).
+        `layers`/`sites` are the default window; `steerable_layers` bounds the windows a
+        request may name (default every layer)."""
         self.model = str(model)
         self.setup: SteeringSetup | None = None
         hf_overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         logits_processors = list(llm_kwargs.pop("logits_processors", None) or [])
-        if plane is not None:
+        if plane is not None or planes is not None:
             self.setup = prepare_steering(
-                self.model, plane, layers=layers, sites=sites, revision=llm_kwargs.get("revision")
+                self.model,
+                plane,
+                layers=layers,
+                sites=sites,
+                revision=llm_kwargs.get("revision"),
+                planes=planes,
+                max_planes=max_planes,
+                steerable_layers=steerable_layers,
             )
             hf_overrides = self.setup.hf_overrides(hf_overrides)
             logits_processors = self.setup.logits_processors(logits_processors)
@@ -126,13 +145,21 @@ class RotServeEngine:
         seed: int | None = None,
         n: int = 1,
         chat: bool = True,
-        mode: str = "absolute",
+        mode: str | Sequence[str] = "absolute",
         logprobs: bool = False,
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop: Sequence[str] | None = None,
+        plane: str | None | Sequence[str | None] = None,
+        layers: Any = None,
+        sites: Sequence[str] | None | Sequence[Sequence[str] | None] = None,
     ) -> list[Completion]:
         """One angle per instruction (None = unsteered); one Completion per sample.
+
+        `mode`, `plane` (a name or plane id of this engine), `layers` (a window: "all", "none",
+        "a:b", "3,4,5" or a list of ints) and `sites` are shared or given one per
+        instruction (a list as long as `instructions`); None = the engine's default. Every
+        combination runs in the same batch.
 
         Completions come in instruction order (with n > 1, the n samples of an instruction
         are consecutive, numbered by `sample`). `chat=True` applies the tokenizer's chat
@@ -151,16 +178,24 @@ class RotServeEngine:
         flags = [adaptive] * len(instructions) if _is_flag(adaptive) else list(adaptive)
         if len(flags) != len(instructions):
             raise ValueError(f"{len(flags)} adaptive flags for {len(instructions)} instructions")
+        n_in = len(instructions)
+        planes = _per_prompt(plane, n_in, "plane", lambda v: v is None or isinstance(v, str))
+        windows = _per_prompt(layers, n_in, "layers", _is_window)
+        site_sets = _per_prompt(
+            sites, n_in, "sites", lambda v: v is None or isinstance(v, str) or _is_str_list(v)
+        )
+        modes = _per_prompt(mode, n_in, "mode", lambda v: isinstance(v, str))
         steerings = [
-            self._steering(a, f, mode, i)
+            self._steering(a, f, modes[i], i, planes[i], windows[i], site_sets[i])
             for i, (a, f) in enumerate(zip(angles, flags, strict=True))
         ]
+        resolved = [self._resolve(st, i) if st.active else None for i, st in enumerate(steerings)]
 
         prompts, params = [], []
-        for text, steering in zip(instructions, steerings, strict=True):
+        for text, steering, res in zip(instructions, steerings, resolved, strict=True):
             prompt = chat_prompt(self.tokenizer, text) if chat else text
             item: dict[str, Any] = {"prompt": prompt}
-            salt = steering.cache_salt(self.plane.plane_id) if self.plane is not None else None
+            salt = res.cache_salt() if res is not None else None
             if salt is not None:
                 item["cache_salt"] = salt
             prompts.append(item)
@@ -181,8 +216,8 @@ class RotServeEngine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
 
         completions = []
-        for text, prompt, steering, out in zip(
-            instructions, prompts, steerings, outputs, strict=True
+        for text, prompt, steering, res, out in zip(
+            instructions, prompts, steerings, resolved, outputs, strict=True
         ):
             for j, comp in enumerate(out.outputs):
                 completions.append(
@@ -199,6 +234,9 @@ class RotServeEngine:
                         prompt_token_ids=tuple(out.prompt_token_ids or ()),
                         finish_reason=comp.finish_reason,
                         logprobs=_chosen_logprobs(comp) if logprobs else None,
+                        plane=None if res is None else self._plane_name(res.plane),
+                        plane_id=None if res is None else res.plane_id,
+                        layers=() if res is None else res.layers,
                     )
                 )
         return completions
@@ -254,16 +292,40 @@ class RotServeEngine:
             scores[i] = tuple(steps[t][ids[t]].logprob for t in range(start, len(ids)))
         return scores
 
-    def _steering(self, angle: Any, adaptive: Any, mode: str, index: int) -> RequestSteering:
+    def _steering(
+        self,
+        angle: Any,
+        adaptive: Any,
+        mode: str,
+        index: int,
+        plane: Any = None,
+        layers: Any = None,
+        sites: Any = None,
+    ) -> RequestSteering:
         if angle is not None and self.plane is None:
             raise RotServeConfigError(
                 f"prompt {index} asks for angle {angle!r} but this engine has no plane "
                 f"(RotServeEngine(model, plane=None) serves the stock model)"
             )
+        fields = {"angle": angle, "adaptive": adaptive, "mode": mode}
+        for key, value in (("plane", plane), ("layers", layers), ("sites", sites)):
+            if value is not None:
+                fields[key] = value
         try:
-            return parse_request({"rotserve": {"angle": angle, "adaptive": adaptive, "mode": mode}})
+            return parse_request({"rotserve": fields})
         except ValueError as e:
             raise type(e)(f"prompt {index}: {e}") from None
+
+    def _resolve(self, steering: RequestSteering, index: int) -> ResolvedSteering:
+        assert self.setup is not None
+        try:
+            return self.setup.resolve(steering)
+        except ValueError as e:
+            raise type(e)(f"prompt {index}: {e}") from None
+
+    def _plane_name(self, slot: int) -> str:
+        assert self.setup is not None
+        return self.setup.settings.plane_names[slot]
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -314,6 +376,29 @@ def in_process_engine() -> Iterator[None]:
         gc.unfreeze()
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
+
+
+def _per_prompt(value: Any, n: int, name: str, is_one: Any) -> list[Any]:
+    """A value shared by every prompt, or a list of one per prompt."""
+    if is_one(value):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} values for {n} instructions: give one or one each")
+    return values
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+
+
+def _is_window(value: Any) -> bool:
+    """One layer window (None, a spec string, an int or a list of ints), not a list of them."""
+    if value is None or isinstance(value, str | int):
+        return True
+    return isinstance(value, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
 
 
 def _is_flag(value: Any) -> bool:

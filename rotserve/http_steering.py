@@ -33,17 +33,25 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from rotserve.vllm_plugin.config import FLAT_PREFIX, RequestSteeringError, parse_request
+from rotserve.vllm_plugin.config import (
+    FLAT_PREFIX,
+    PlaneCatalog,
+    RequestSteeringError,
+    parse_request,
+)
 
 PLANE_ID_ENV = "ROTSERVE_PLANE_ID"
+CATALOG_ENV = "ROTSERVE_CATALOG"  # PlaneCatalog JSON: planes and windows a request may name
 STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
 MODELS_PATH = "/v1/models"
 MAX_SALT_LENGTH = 128  # vLLM refuses longer cache salts
 NAME_FLAGS = ("adaptive", "relative")
 NAME_GRAMMAR = (
-    "MODEL@ANGLE[:adaptive][:relative] or MODEL@none, ANGLE in degrees "
-    "(e.g. MODEL@150, MODEL@150:adaptive, MODEL@30:relative)"
+    "MODEL@ANGLE[:adaptive][:relative][:plane=NAME][:layers=WINDOW] or MODEL@none, ANGLE in "
+    "degrees, WINDOW all, none or a comma list (e.g. MODEL@150, MODEL@150:adaptive, "
+    "MODEL@30:relative, MODEL@150:plane=maxsim:layers=8,9,10)"
 )
+NAME_KEYS = ("plane", "layers")  # key=value parts of a model-name steering
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -76,20 +84,27 @@ def split_model_name(name: str) -> tuple[str, dict[str, Any] | None]:
         raise ModelNameError(
             f"model {name!r}: {head!r} is not a number of degrees; expected {NAME_GRAMMAR}"
         ) from None
-    unknown = [f for f in flags if f not in NAME_FLAGS]
+    keyed = dict(f.split("=", 1) for f in flags if "=" in f)
+    flags = [f for f in flags if "=" not in f]
+    unknown = [f for f in flags if f not in NAME_FLAGS] + [k for k in keyed if k not in NAME_KEYS]
     if not math.isfinite(angle) or unknown or len(set(flags)) != len(flags):
         raise ModelNameError(f"model {name!r}: expected {NAME_GRAMMAR}")
     return base, {
         f"{FLAT_PREFIX}angle": angle,
         f"{FLAT_PREFIX}adaptive": "adaptive" in flags,
         f"{FLAT_PREFIX}mode": "relative" if "relative" in flags else "absolute",
+        **{f"{FLAT_PREFIX}{k}": v for k, v in keyed.items()},
     }
 
 
-def steer_request(body: dict[str, Any], plane_id: str) -> dict[str, Any]:
+def steer_request(
+    body: dict[str, Any], plane_id: str, catalog: PlaneCatalog | None = None
+) -> dict[str, Any]:
     """The request body vLLM should see: the model-name suffix moved into vllm_xargs, and a
     prefix-cache salt derived from the steering (and the client's salt). Raises
-    RequestSteeringError (an HTTP 400) for a malformed suffix or malformed rotserve keys."""
+    RequestSteeringError (an HTTP 400) for a malformed suffix or malformed rotserve keys,
+    and, given the engine's catalog, for an unknown plane or an unsteerable layer (the salt
+    then names the resolved plane id and window)."""
     body = dict(body)
     xargs = dict(body.get("vllm_xargs") or {})
     model = body.get("model")
@@ -107,7 +122,11 @@ def steer_request(body: dict[str, Any], plane_id: str) -> dict[str, Any]:
     if xargs:
         body["vllm_xargs"] = xargs
     steering = parse_request(xargs)
-    salt = steering.cache_salt(plane_id)
+    salt = (
+        catalog.resolve(steering).cache_salt()
+        if catalog is not None
+        else steering.cache_salt(plane_id)
+    )
     client_salt = body.get("cache_salt")
     if salt is not None and (client_salt is None or isinstance(client_salt, str)):
         body["cache_salt"] = _join_salts(salt, client_salt)  # (vLLM rejects a non-string salt)
@@ -142,6 +161,8 @@ class SteeringMiddleware:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
         self.plane_id = os.environ.get(PLANE_ID_ENV)
+        catalog = os.environ.get(CATALOG_ENV)
+        self.catalog = PlaneCatalog.from_json(catalog) if catalog else None
         if not self.plane_id:
             raise RuntimeError(
                 f"{PLANE_ID_ENV} is not set: start the server with `rotserve serve`, which sets "
@@ -167,7 +188,7 @@ class SteeringMiddleware:
             body = None  # not JSON: vLLM answers it as it would
         if isinstance(body, dict):
             try:
-                raw = json.dumps(steer_request(body, self.plane_id)).encode()
+                raw = json.dumps(steer_request(body, self.plane_id, self.catalog)).encode()
             except RequestSteeringError as e:
                 return await _send_json(send, 400, _error(str(e)))
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]

@@ -101,6 +101,29 @@ class Plane:
         return h.hexdigest()[:12]
 
 
+SELECTIVE_SITE = "resid_mid"  # the residual stream inside a layer, where both norms read it
+
+
+def selective_layers(plane: Plane, name: str = "plane") -> list[int]:
+    """Layers whose mean harmful and mean harmless activations (normalised, at the layer's
+    resid_mid) project onto b1 with opposite signs: the layers where b1 separates the classes
+    by sign, the ones the selective window steers.
+
+    Read from the extraction statistics in the plane's metadata (`harmful_b1`,
+    `harmless_b1` per candidate site); PlaneError for a plane extracted without them.
+    """
+    rows = [c for c in plane.meta.candidates if c.get("kind") == SELECTIVE_SITE]
+    if not rows or any(c.get("harmful_b1") is None or c.get("harmless_b1") is None for c in rows):
+        raise PlaneError(
+            f"{name} has no per-layer class projections on b1 in its metadata (extracted by "
+            f"an older rotserve, or not by `rotserve extract`), so its selective layers are "
+            f"unknown: re-extract it with `rotserve extract`, or give a window (--layers a:b)"
+        )
+    return sorted(
+        int(c["layer"]) for c in rows if float(c["harmful_b1"]) * float(c["harmless_b1"]) < 0
+    )
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

@@ -70,12 +70,16 @@ def _per_token_flag(flag: bool | list[bool], n: int) -> torch.Tensor:
     return torch.tensor([float(bool(f)) for f in flag], dtype=torch.float64)
 
 
-def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def rotate(
+    h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor, gate: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate each token of h inside the plane spanned by basis, per its row of table.
 
     h:      [N, H] activations, any float dtype (computed in float32, returned in h.dtype).
     basis:  [2, H] float32, rows b1 and b2, orthonormal.
-    table:  [N, 5] float32 per-token (cos, sin, active, adaptive, relative), see angle_table.
+    table:  [N, >=5] float32 per-token (cos, sin, active, adaptive, relative), see angle_table.
+    gate:   optional [N] float32, 1 to steer the token at this site, 0 to leave it (a
+            request's layer window: the same table serves every site, the gate says which).
 
     Written as broadcasts and row sums rather than matmuls with a [H, 2] matrix: torch.compile
     (vLLM compiles the model) fuses this form with the preceding RMSNorm into one kernel,
@@ -92,6 +96,50 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     b1, b2 = basis[0], basis[1]
     p1 = (x * b1).sum(-1)  # in-plane coordinates (h·b1, h·b2), [N]
     p2 = (x * b2).sum(-1)
+    coef = _coefficients(p1, p2, table, gate, x.dtype)  # [N, 3] per-token scalars
+    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
+    return torch.where(coef[:, 2:3] > 0, out, h)
+
+
+def rotate_planes(
+    h: torch.Tensor,
+    bases: torch.Tensor,
+    table: torch.Tensor,
+    onehot: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """rotate() with a plane per token, chosen among K loaded planes.
+
+    bases:  [K, 2, H] float32, K orthonormal planes (unused slots may be zero).
+    onehot: [N, K] float32, 1 at the token's plane (all zero for an unsteered token).
+
+    Shapes never depend on which planes a batch uses: every token reads its own plane's b1,
+    b2 from the [K, 2, H] buffer by index, and the arithmetic is rotate()'s, so a token gets
+    exactly what rotate() with its plane alone gives it. K = 1 is rotate() itself.
+    """
+    if bases.shape[0] == 1:  # fixed per engine (the buffer's shape), never a branch on values
+        return rotate(h, bases[0], table, gate)
+    x = h.float()
+    # Each token's own basis, by index: under torch.compile an indexed load inside the same
+    # fused row kernel as rotate() (no [N, 2, H] tensor is materialised). Projecting on all
+    # K planes with a [H, 2K] matmul instead measured 14x slower per site at K = 8 on CPU.
+    index = onehot.argmax(-1)  # an unsteered row's all-zero one-hot picks slot 0, masked anyway
+    b1, b2 = bases[index, 0], bases[index, 1]
+    p1 = (x * b1).sum(-1)
+    p2 = (x * b2).sum(-1)
+    coef = _coefficients(p1, p2, table, gate, x.dtype)
+    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
+    return torch.where(coef[:, 2:3] > 0, out, h)
+
+
+def _coefficients(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    table: torch.Tensor,
+    gate: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[N, 3]: how much of b1 and b2 to add to each token, and whether to steer it at all."""
     cos, sin = table[:, COS], table[:, SIN]
     relative = table[:, RELATIVE]
 
@@ -101,12 +149,11 @@ def rotate(h: torch.Tensor, basis: torch.Tensor, table: torch.Tensor) -> torch.T
     t2 = relative * (p1 * sin + p2 * cos) + (1.0 - relative) * (r * sin)
 
     # m(h): plain mode steers every active token; adaptive only those leaning toward b1.
-    leaning = (p1 > 0).to(x.dtype)
+    leaning = (p1 > 0).to(dtype)
     mask = table[:, ACTIVE] * (1.0 - table[:, ADAPTIVE] * (1.0 - leaning))
-
-    coef = torch.stack([t1 - p1, t2 - p2, mask], dim=-1)  # [N, 3] per-token scalars
-    out = (x + coef[:, 0:1] * b1 + coef[:, 1:2] * b2).to(h.dtype)
-    return torch.where(coef[:, 2:3] > 0, out, h)
+    if gate is not None:
+        mask = mask * gate
+    return torch.stack([t1 - p1, t2 - p2, mask], dim=-1)
 
 
 def rotate_to(

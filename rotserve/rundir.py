@@ -51,6 +51,8 @@ SCHEMA = pa.schema(
         pa.field("category", pa.string(), nullable=False),
         pa.field("angle", pa.float64(), nullable=True),  # degrees in [0, 360); null = baseline
         pa.field("adaptive", pa.bool_(), nullable=False),
+        pa.field("plane", pa.string(), nullable=True),  # the plane's name; null = baseline
+        pa.field("window", pa.string(), nullable=True),  # the layer window; null = baseline
         pa.field("sample", pa.int32(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("temperature", pa.float64(), nullable=False),
@@ -68,7 +70,7 @@ SCHEMA = pa.schema(
     metadata={"rotserve.schema": FORMAT},
 )
 # What makes a row unique within a run.
-KEY_COLUMNS = ("dataset", "prompt_id", "angle", "adaptive", "sample")
+KEY_COLUMNS = ("dataset", "prompt_id", "angle", "adaptive", "plane", "window", "sample")
 
 
 class RunDirError(ValueError):

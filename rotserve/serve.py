@@ -43,7 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=str(toy_model_dir()), help="HF id or local path (the toy model)"
     )
-    p.add_argument("--plane", default=str(toy_plane()), help="plane .safetensors (the toy plane)")
+    p.add_argument(
+        "--plane",
+        action="append",
+        default=None,
+        metavar="[NAME=]FILE",
+        help="plane .safetensors; repeat as NAME=FILE to serve several planes, each request "
+        "picking one (vllm_xargs rotserve_plane, or MODEL@150:plane=NAME); the first is the "
+        f"default (default: the toy plane, {toy_plane()})",
+    )
+    p.add_argument(
+        "--max-planes",
+        type=int,
+        default=None,
+        help="plane slots to allocate (default: as many as --plane given)",
+    )
     p.add_argument(
         "--layers",
         type=_layer_list,
@@ -77,11 +91,17 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
     (rotserve.http_steering): a prefix-cache salt per steering on every request, and angles by
     model name (MODEL@150). The middleware learns the plane id from the environment.
     """
-    from rotserve.http_steering import PLANE_ID_ENV
-    from rotserve.steering import prepare_steering
+    from rotserve.http_steering import CATALOG_ENV, PLANE_ID_ENV
+    from rotserve.steering import plane_options, prepare_steering
 
+    plane, planes = plane_options(args.plane or [str(toy_plane())])
     setup = prepare_steering(
-        args.model, args.plane, layers=args.layers, sites=[s for s in args.sites.split(",") if s]
+        args.model,
+        plane,
+        planes=planes,
+        max_planes=args.max_planes,
+        layers=args.layers,
+        sites=[s for s in args.sites.split(",") if s],
     )
     argv = [
         *vllm_serve_argv(args.model),
@@ -91,7 +111,8 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
         "--middleware", MIDDLEWARE,
         *passthrough,
     ]  # fmt: skip
-    return ServeCommand(argv=argv, env={PLANE_ID_ENV: setup.plane.plane_id})
+    env = {PLANE_ID_ENV: setup.plane.plane_id, CATALOG_ENV: setup.catalog.to_json()}
+    return ServeCommand(argv=argv, env=env)
 
 
 def vllm_serve_argv(model: str) -> list[str]:

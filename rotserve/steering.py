@@ -16,17 +16,22 @@ directory is read from disk, a hub id is fetched like any HF download.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotserve.plane import Plane, load_plane
+from rotserve.plane import Plane, PlaneError, load_plane
 from rotserve.vllm_plugin.config import (
+    DEFAULT_PLANE,
     SETTINGS_KEY,
-    TRACKER_FQCN,
     EngineSteering,
+    PlaneCatalog,
+    RequestSteering,
+    ResolvedSteering,
     RotServeConfigError,
+    check_plane_name,
+    is_tracker_fqcn,
     rotated_architecture,
 )
 
@@ -70,12 +75,25 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SteeringSetup:
-    """A checked (model, plane, layers, sites) and the vLLM settings that steer it."""
+    """A checked (model, planes, layers, sites) and the vLLM settings that steer it."""
 
     info: ModelInfo
-    plane: Plane
-    settings: EngineSteering  # plane path (absolute), layers, sites
+    plane: Plane  # the default plane (the first)
+    settings: EngineSteering  # plane paths (absolute), default window and sites, steerable set
     rotated_architecture: str
+    planes: tuple[Plane, ...] = ()  # every plane, in slot order (names: settings.plane_names)
+
+    @property
+    def catalog(self) -> PlaneCatalog:
+        """What requests may name: planes by name or id, windows inside the steerable set."""
+        return PlaneCatalog.build(
+            self.settings, [p.plane_id for p in self.planes or (self.plane,)], self.info.num_layers
+        )
+
+    def resolve(self, steering: RequestSteering) -> ResolvedSteering:
+        """One request against this engine (RequestSteeringError for an unknown plane or an
+        unsteerable layer): its plane slot, gates and prefix-cache salt."""
+        return self.catalog.resolve(steering)
 
     @property
     def plane_path(self) -> Path:
@@ -92,34 +110,57 @@ class SteeringSetup:
     def logits_processors(self, base: Sequence[Any] | None = None) -> list[Any]:
         """`base` plus the per-request tracker, unless it is already there."""
         listed = list(base or [])
-        return listed if tracker_installed(listed) else [*listed, TRACKER_FQCN]
+        return listed if tracker_installed(listed) else [*listed, self.catalog.tracker_fqcn()]
 
 
 def prepare_steering(
     model: str | Path,
-    plane: str | Path,
+    plane: str | Path | None,
     *,
     layers: Sequence[int] | None = None,
     sites: Sequence[str] | None = None,
     revision: str | None = None,
     info: ModelInfo | None = None,
+    planes: Mapping[str, str | Path] | None = None,
+    max_planes: int | None = None,
+    steerable_layers: Sequence[int] | None = None,
 ) -> SteeringSetup:
-    """Check that the plane file can steer `model` at `layers` x `sites`; raise with the fix
-    if not. `info` skips re-reading a config the caller already read."""
+    """Check that the plane file(s) can steer `model` at `layers` x `sites`; raise with the fix
+    if not. `info` skips re-reading a config the caller already read.
+
+    One plane (`plane`, named "default") or several (`planes`, name -> file; the first is
+    what a request naming no plane steers). `layers` and `sites` are the default window of a
+    request; `steerable_layers` (default: every layer) bounds the windows requests may name.
+    """
     info = info or ModelInfo.from_pretrained(model, revision)
     architecture = rotated_architecture(info.architecture)
-    path = Path(plane).expanduser().resolve()
-    loaded = load_plane(path)
-    loaded.check_hidden_size(info.hidden_size, model=info.model)
-    settings = EngineSteering.from_dict(
-        {
-            "plane": str(path),
-            "layers": list(layers) if layers is not None else None,
-            "sites": list(sites) if sites is not None else None,
-        }
-    )
+    if (plane is None) == (planes is None):
+        raise RotServeConfigError("give one plane file or a mapping of planes, not both/neither")
+    named = dict(planes) if planes is not None else {DEFAULT_PLANE: plane}
+    paths = {name: str(Path(p).expanduser().resolve()) for name, p in named.items()}
+    raw: dict[str, Any] = {
+        "layers": list(layers) if layers is not None else None,
+        "sites": list(sites) if sites is not None else None,
+    }
+    if planes is None:
+        raw["plane"] = paths[DEFAULT_PLANE]
+    else:
+        raw["planes"] = paths
+    if max_planes is not None:
+        raw["max_planes"] = max_planes
+    if steerable_layers is not None:
+        raw["steerable"] = {"layers": list(steerable_layers), "sites": None}
+    settings = EngineSteering.from_dict(raw)
+    loaded = []
+    for name, path in settings.planes:
+        try:
+            one = load_plane(path)
+            one.check_hidden_size(info.hidden_size, model=info.model)
+        except PlaneError as e:
+            raise PlaneError(f"plane {name!r}: {e}") if planes is not None else e from None
+        loaded.append(one)
     settings.check(info.num_layers, architecture)
-    return SteeringSetup(info, loaded, settings, architecture)
+    return SteeringSetup(info, loaded[0], settings, architecture, tuple(loaded))
 
 
 def tracker_installed(listed: Sequence[Any]) -> bool:
@@ -129,6 +170,28 @@ def tracker_installed(listed: Sequence[Any]) -> bool:
 
     names = [p for p in listed if isinstance(p, str)]
     names += [ep.value for ep in entry_points(group="vllm.logits_processors")]
-    return any(name.replace(".tracker:", ":") == TRACKER_FQCN for name in names) or any(
-        getattr(p, "__name__", "") == "RotServeBatchTracker" for p in listed
+    return any(is_tracker_fqcn(name) for name in names) or any(
+        getattr(p, "__name__", "").startswith("RotServeBatchTracker") for p in listed
     )
+
+
+def plane_options(values: list[str]) -> tuple[str | None, dict[str, str] | None]:
+    """--plane values -> (one plane file, None) or (None, {name: file}).
+
+    Bare FILEs are the single-plane form (the last given wins); otherwise every value must be
+    NAME=FILE.
+    """
+    if all("=" not in v for v in values):
+        return values[-1], None  # bare files: the last one wins, as for any repeated flag
+    planes: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise RotServeConfigError(
+                f"--plane {value!r}: with several planes give each as NAME=FILE "
+                "(e.g. --plane maxsim=plane.safetensors --plane rand=random.safetensors)"
+            )
+        if name in planes:
+            raise RotServeConfigError(f"--plane: the name {name!r} is given twice")
+        planes[check_plane_name(name)] = path
+    return None, planes

@@ -229,6 +229,13 @@ def test_saved_plane_metadata_round_trips(tiny_qwen2, tmp_path):
     assert len(m.data[HARMFUL]["file_sha256"]) == 64
     assert [c["site"] for c in m.candidates] == [s.name for s in res.sites]
     assert [c["chosen"] for c in m.candidates].count(True) == 1
+    # The class means' projections on b1, per site: what `--layers selective` reads.
+    from rotserve.plane import selective_layers
+
+    assert all(isinstance(c["harmful_b1"], float) for c in m.candidates)
+    chosen = next(c for c in m.candidates if c["chosen"])
+    assert chosen["harmful_b1"] > chosen["harmless_b1"]  # b1 points from harmless to harmful
+    assert set(selective_layers(plane)) <= {0, 1}
     doc = json.loads((tmp_path / "p.candidates.json").read_text())
     assert doc["plane"]["plane_id"] == plane.plane_id and len(doc["candidates"]) == 4
     rows = list(csv.DictReader(open(tmp_path / "p.candidates.csv")))
@@ -383,3 +390,27 @@ def test_per_sample_pca_streams_to_the_same_axis():
         assert second.info["rows"] == 2 * n
         axes.append(second.b2)
     assert abs(float(axes[0] @ axis)) > 0.99 and abs(float(axes[1] @ axis)) > 0.99
+
+
+def test_controls_are_written_beside_the_plane_from_the_same_statistics(
+    tiny_qwen2, tmp_path, capsys
+):
+    """`extract --controls`: random b2, random b1+b2 and each other selection rule, named for
+    one grid command. (~10 s: one extraction on the tiny model, 5 planes from its statistics)"""
+    from rotserve.extract.cli import main as extract_main
+
+    out = tmp_path / "plane.safetensors"
+    args = ["--model", str(tiny_qwen2), "--harmful", str(HARMFUL_FILE)]
+    args += ["--harmless", str(HARMLESS_FILE), "--limit", str(N), "--out", str(out)]
+    assert extract_main([*args, "--controls", "--no-figure", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    main_plane = load_plane(out)
+    names = ["random-b2", "random", "select-max-norm", "select-mean", "select-separability"]
+    controls = {n: load_plane(tmp_path / f"plane.ctrl-{n}.safetensors") for n in names}
+    assert f"--plane random-b2={tmp_path / 'plane.ctrl-random-b2.safetensors'}" in printed
+    assert torch.equal(controls["random-b2"].b1, main_plane.b1)  # same b1, b2 random
+    assert controls["random-b2"].meta.method["second"] == "random"
+    assert controls["random"].meta.method["random_b1"] is True
+    assert controls["select-mean"].meta.method["select"] == "mean"
+    ids = {p.plane_id for p in controls.values()} | {main_plane.plane_id}
+    assert len(ids) >= 5  # distinct planes (two rules may legitimately pick the same site)

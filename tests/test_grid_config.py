@@ -266,3 +266,51 @@ def test_plane_inside_model_dir_without_index_is_refused(inputs, tmp_path):
         resolve(cfg)
     (model / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     assert resolve(cfg).plane_path == model / "plane.safetensors"  # the shipped-plane default
+
+
+def test_plane_and_window_sweeps_resolve_before_ray(inputs, tmp_path, no_ray):
+    """--plane NAME=FILE x --layers WINDOW (incl. selective) resolve, or fail naming the flag
+    and the fix, without Ray or vLLM. (<1 s)"""
+    from rotserve.grid.config import resolve
+    from rotserve.grid.job import plan_grid
+    from rotserve.plane import Plane, PlaneMeta, load_plane
+
+    base = load_plane(inputs["plane"])
+    # A plane with extraction statistics: layer 1 separates by sign on b1, layer 0 does not.
+    stats = [
+        {"kind": "resid_mid", "layer": 0, "harmful_b1": 0.3, "harmless_b1": 0.1},
+        {"kind": "resid_mid", "layer": 1, "harmful_b1": 0.3, "harmless_b1": -0.2},
+        {"kind": "resid_post", "layer": 0, "harmful_b1": 0.3, "harmless_b1": -0.2},
+    ]
+    with_stats = Plane(base.b1, base.b2, PlaneMeta(candidates=stats)).save(
+        tmp_path / "stats.safetensors"
+    )
+    args = base_args(inputs, tmp_path / "out")
+    i = args.index("--plane")
+    args[i : i + 2] = ["--plane", f"a={with_stats}", "--plane", f"b={inputs['plane']}"]
+    cfg = config_from_args(build_parser().parse_args([*args, "--layers", "all", "--layers", "1:"]))
+    resolved = resolve(cfg)
+    assert resolved.plane_names == ("a", "b") and resolved.windows == ("all", "1:")
+    plan = plan_grid(resolved)
+    steered = [c for c in plan.conditions if c.angle is not None]
+    assert {(c.plane, c.window) for c in steered} == {
+        (p, w) for p in ("a", "b") for w in ("all", "1:")
+    }
+    single = resolve(config_from_args(build_parser().parse_args(base_args(inputs, tmp_path / "o"))))
+    assert resolved.run_id != single.run_id and "planes" not in single.identity()
+
+    selective = GridConfig(
+        **{**cfg.__dict__, "planes": (("a", str(with_stats)),), "windows": ("selective",)}
+    )
+    assert resolve(selective).selective == (("a", "1"),)
+    no_stats = GridConfig(**{**selective.__dict__, "planes": (("b", str(inputs["plane"])),)})
+    with pytest.raises(
+        GridConfigError, match="selective: plane 'b' has no per-layer .* re-extract"
+    ):
+        resolve(no_stats)
+    for window, needle in (("5", "out of range"), ("1:2:3", "layer window"), ("all", "twice")):
+        bad = GridConfig(
+            **{**cfg.__dict__, "windows": ("all", window) if window == "all" else (window,)}
+        )
+        with pytest.raises(GridConfigError, match=needle):
+            resolve(bad)

@@ -22,9 +22,11 @@ def test_conditions_baseline_first_and_modes():
     conds = conditions(evenly_spaced(4), (False, True), baseline=True)
     assert conds[0] == Condition(None, False)
     assert len(conds) == 1 + 4 * 2
-    assert conds[1:5] == tuple(Condition(a, False) for a in (0.0, 90.0, 180.0, 270.0))
+    assert conds[1:5] == tuple(
+        Condition(a, False, "default", "all") for a in (0.0, 90.0, 180.0, 270.0)
+    )
     assert all(c.adaptive for c in conds[5:])
-    assert conditions([0.0], (False,), baseline=False) == (Condition(0.0, False),)
+    assert conditions([0.0], (False,), baseline=False) == (Condition(0.0, False, "default", "all"),)
     assert Condition(None, False).label == "baseline"
 
 

@@ -32,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from run_checks import expect_unique_keys
+from run_checks import KILLED_CLI, expect_unique_keys
 
 from rotserve.engine import Completion
 from rotserve.grid import GridConfig, RunResult, read_rows, run_grid
@@ -294,25 +294,6 @@ def test_engine_that_dies_mid_run_loses_and_doubles_nothing(clean_run, grid_inpu
 
 
 KILL_AFTER_PARTS = 5
-# The grid CLI, but SIGKILL to its whole process group right after the k-th part is published:
-# the kill lands mid-run every time, at a known point, with more shards in flight.
-KILLED_CLI = """
-import os, signal, sys
-from rotserve.grid import store
-from rotserve.grid.cli import main
-
-publish, published = store.RunStore.write_part, []
-
-def publish_then_die(self, shard_id, table):
-    path = publish(self, shard_id, table)
-    published.append(shard_id)
-    if len(published) == int(os.environ["KILL_AFTER_PARTS"]):
-        os.killpg(0, signal.SIGKILL)  # the driver, its local Ray cluster and engines, at once
-    return path
-
-store.RunStore.write_part = publish_then_die
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_job_killed_then_rerun_resumes_to_the_same_table(clean_run, grid_inputs, tmp_path):

@@ -121,3 +121,38 @@ def test_the_model_listing_says_how_to_pick_an_angle():
     listing = annotate_models({"object": "list", "data": [{"id": "org/model"}]})
     how = listing["data"][0]["rotserve"]["angle_by_name"]
     assert "org/model@150" in how and "org/model@none" in how
+
+
+def test_plane_and_window_by_xargs_or_model_name_with_the_engines_catalog():
+    """Several planes: the name form carries plane= and layers=, the salt names the resolved
+    plane id and window, and an unknown plane is a 400 before vLLM sees it. (<0.1 s)"""
+    from rotserve.vllm_plugin.config import EngineSteering, PlaneCatalog
+
+    settings = EngineSteering.from_dict({"planes": {"maxsim": "/a", "rand": "/b"}})
+    catalog = PlaneCatalog.build(settings, [PLANE, "ba9876543210"], 24)
+    named = steer_request({"model": "m@150:adaptive:plane=rand:layers=8,9,10"}, PLANE, catalog)
+    sent = steer_request(
+        {
+            "model": "m",
+            "vllm_xargs": {
+                "rotserve_angle": 150,
+                "rotserve_adaptive": True,
+                "rotserve_plane": "ba9876543210",  # by plane id
+                "rotserve_layers": "8:11",
+            },
+        },
+        PLANE,
+        catalog,
+    )
+    assert named["model"] == "m" and named["vllm_xargs"]["rotserve_plane"] == "rand"
+    assert named["cache_salt"] == sent["cache_salt"]  # same steering, same salt
+    assert "ba9876543210" in named["cache_salt"] and len(named["cache_salt"]) <= MAX_SALT_LENGTH
+    default = steer_request({"model": "m@150:adaptive"}, PLANE, catalog)["cache_salt"]
+    assert default == steer_request({"model": "m@150:adaptive"}, PLANE)["cache_salt"]
+    assert default != named["cache_salt"]
+    with pytest.raises(RequestSteeringError, match="unknown plane 'other'"):
+        steer_request({"model": "m@150:plane=other"}, PLANE, catalog)
+    with pytest.raises(RequestSteeringError, match="layer 30 is out of range"):
+        steer_request({"model": "m@150:layers=30"}, PLANE, catalog)
+    with pytest.raises(ModelNameError, match="expected"):
+        split_model_name("m@150:planes=rand")

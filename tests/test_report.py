@@ -136,3 +136,39 @@ def test_partial_run_is_labelled(run_dir):
     manifest.update(status="running", rows={"expected": 10_000})
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     assert make_report(run_dir).short_text().startswith("(partial run")
+
+
+def test_a_plane_window_sweep_is_grouped_per_setting(tmp_path):
+    """Two planes x two windows: summary rows, tables and console text per (plane, window),
+    one polar panel per (dataset, mode) with a trace per setting. (~2 s: one plot)"""
+    rows = []
+    for i in range(2):
+        rows.append({**row("harmless", None, False, False, i), "plane": None, "window": None})
+        for plane in ("toy", "rand"):
+            for window in ("all", "2:2"):
+                for a in (0.0, 180.0):
+                    refused = plane == "toy" and window == "all" and a == 0.0
+                    r = row("harmless", a, False, refused, i)
+                    rows.append({**r, "plane": plane, "window": window})
+    summary = summarize(to_table(rows))
+    by = {(s.setting, s.angle): s for s in summary}
+    assert len(summary) == 1 + 4 * 2
+    assert by[("toy [all]", 0.0)].refusal_rate == 1.0
+    assert by[("rand [all]", 0.0)].refusal_rate == 0.0 and by[("", None)].mode == "baseline"
+    store, _ = RunStore.open(tmp_path / "run", "r", overwrite=False)
+    store.write_manifest({"run_id": "r", "status": "complete", "rows": {"expected": len(rows)}})
+    store.write_part("00000", to_table(rows))
+    store.close()
+    report = make_report(store.root)
+    md = report.markdown_path.read_text()
+    for setting in ("toy [all]", "toy [2:2]", "rand [all]", "rand [2:2]"):
+        assert f"## {setting}" in md and f"== {setting} ==" in report.short_text()
+    assert report.plot_path.stat().st_size > 10_000
+    rows_csv = list(csv.DictReader(open(report.csv_path)))
+    assert {r["setting"] for r in rows_csv} == {
+        "",
+        "toy [all]",
+        "toy [2:2]",
+        "rand [all]",
+        "rand [2:2]",
+    }

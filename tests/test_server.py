@@ -38,7 +38,8 @@ def launch_server(model, plane, port: int, log_path, extra_env=None) -> subproce
     passthrough += ["--kv-cache-memory-bytes", str(ENGINE_KWARGS["kv_cache_memory_bytes"])]
     command = serve_command(args, [*passthrough, "--seed", "0"])
     cmd = command.argv
-    assert cmd[cmd.index("--logits-processors") + 1] == TRACKER_FQCN
+    # The tracker bound to this engine's catalog (planes and windows checked at admission).
+    assert cmd[cmd.index("--logits-processors") + 1].startswith(TRACKER_FQCN + "__")
     env = {**os.environ, **command.env, "VLLM_CPU_KVCACHE_SPACE": "1", **(extra_env or {})}
     env["TOKENIZERS_PARALLELISM"] = "false"
     with open(log_path, "w") as log:
@@ -157,6 +158,9 @@ def test_bad_angle_is_a_400_and_the_server_keeps_serving(server, client):
         ({"rotserve_angle": "ninety"}, "rotserve_angle must be a number"),
         ({"rotserve_angle": 90.0, "rotserve_angel": 1}, "rotserve_angel"),
         ({"rotserve_angle": 90.0, "rotserve_mode": "sideways"}, "rotserve_mode"),
+        # The engine's planes and layers: refused per request (middleware and tracker alike).
+        ({"rotserve_angle": 90.0, "rotserve_plane": "nope"}, "unknown plane 'nope'"),
+        ({"rotserve_angle": 90.0, "rotserve_layers": "9"}, "layer 9 is out of range"),
     ]:
         with pytest.raises(openai.BadRequestError) as err:
             _complete(client, model, prompt, xargs)

@@ -246,6 +246,35 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
     with pytest.raises(RequestSteeringError, match="request bad"):
         state.add_request(1, new_request("bad", {"rotserve": {"angle": "ninety"}}))
 
+    # Several planes (mocked model with a PlaneCatalog): rows carry the plane one-hot and the
+    # per-norm gates through V2's slot mapping, and an unknown plane fails that request.
+    from rotserve.vllm_plugin.config import EngineSteering, PlaneCatalog
+
+    settings = EngineSteering.from_dict({"planes": {"a": "/a", "b": "/b"}, "max_planes": 4})
+    catalog = PlaneCatalog.build(settings, ["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 2)
+    multi = FakeModel()
+    multi.rotation = RotationState(torch.zeros(4, 2, 128), 64, num_gates=len(catalog.steerable))
+    multi.rotserve_catalog = catalog
+    state = RotServeModelState(cpu_vllm_config, multi, None, torch.device("cpu"))
+    state.add_request(2, new_request("p", {"rotserve_angle": 90.0, "rotserve_plane": "b",
+                                           "rotserve_layers": "1"}))  # fmt: skip
+    state.apply_staged_writes()
+    one = SimpleNamespace(
+        num_reqs=1,
+        idx_mapping=torch.tensor([2]),
+        query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
+        num_tokens=3,
+        num_tokens_after_padding=4,
+        is_padding=torch.tensor([False] * 3 + [True]),
+    )
+    state.prepare_inputs(one, req_states=None)
+    table = multi.rotation.token_table[:4]
+    assert table[:3, 5:9].tolist() == [[0.0, 1.0, 0.0, 0.0]] * 3  # plane slot 1 of 4
+    assert table[:3, 9:].tolist() == [[0.0, 0.0, 1.0, 1.0]] * 3  # layer 1's two norms only
+    assert torch.equal(table[3], identity_rows(1, width=table.shape[1])[0])  # padding
+    with pytest.raises(RequestSteeringError, match="unknown plane"):
+        state.add_request(0, new_request("q", {"rotserve_angle": 1.0, "rotserve_plane": "z"}))
+
 
 # -- one engine per model, shared by the tests below -------------------------------------------
 

@@ -239,6 +239,10 @@ class CandidateStat:
     cos_b1: float | None = None  # with the final b1
     cos_b2: float | None = None  # with the final b2
     plane_angle: float | None = None  # degrees [0, 360) of the candidate's projection in the plane
+    # Projections of the class means (of normalised activations) on the final b1: where they
+    # have opposite signs the site separates the classes along b1 (the "selective" layers).
+    harmful_b1: float | None = None
+    harmless_b1: float | None = None
     in_window: bool = True
     chosen: bool = False
 

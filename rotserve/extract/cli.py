@@ -93,6 +93,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     io.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
     io.add_argument(
+        "--controls",
+        action="store_true",
+        help="also write the standard controls beside the plane, from the same statistics: "
+        "OUT.ctrl-random-b2 (b2 random), OUT.ctrl-random (b1 and b2 random) and "
+        "OUT.ctrl-select-RULE (b1 by each other --select rule); prints the grid command "
+        "that compares them all",
+    )
+    io.add_argument(
         "--chat-template",
         default=d.chat_template,
         metavar="FILE",
@@ -201,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         trust_remote_code=args.trust_remote_code,
         figure=not args.no_figure,
         progress=not args.quiet,
+        controls=args.controls,
     )
 
 
@@ -224,6 +233,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.summary())
+    if result.controls:
+        planes = [f"plane={result.paths['plane']}"]
+        planes += [f"{name}={path}" for name, path in result.controls.items()]
+        print("  controls: " + ", ".join(result.controls))
+        print(
+            "  compare them in one run: rotserve grid --model "
+            + args.model
+            + "".join(f" --plane {p}" for p in planes)
+        )
     return 0
 
 

@@ -52,6 +52,8 @@ class ExtractConfig:
     chat_template: str | None = None  # path of a Jinja file
     trust_remote_code: bool = False
     figure: bool = True  # write <stem>.candidates.png beside the plane
+    # Also write the standard controls beside the plane (<stem>.ctrl-<name>.safetensors).
+    controls: bool = False
     progress: bool = True
 
     def validate(self) -> None:

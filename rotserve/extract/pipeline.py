@@ -26,7 +26,9 @@ import torch
 from rotserve.extract.activations import ActivationReader
 from rotserve.extract.candidates import (
     HARMFUL,
+    HARMLESS,
     LABELS,
+    SELECT_METHODS,
     Candidates,
     CandidateStat,
     ClassSums,
@@ -130,38 +132,68 @@ def extract_from_loaded(
 
     splits = {label: split_prompts(plist[label], cfg.holdout, cfg.seed) for label in LABELS}
     cands, aurocs, ds = _class_statistics(reader, splits, cfg.holdout)
-    table = candidate_table(sites, cands, window, aurocs, ds)
-
-    if cfg.random_b1:
-        b1, chosen, reason = random_unit(reader.hidden, cfg.seed), None, "random (control)"
-    else:
-        first = select_first_axis(cfg.select, table, cands, window)
-        b1, chosen, reason = first.b1, first.index, first.reason
-    second = _second_axis(cfg, reader, plist, cands, window, b1)
-    if cfg.second == "last-pcs":
-        # The plane replaced b1: the --select choice only orients it (see last_pcs_plane).
-        reason += (
-            f"; b1 = its projection onto the last-two-PC plane (cos {float(second.b1 @ b1):.3f})"
-        )
-    # Under last-pcs no site's candidate is b1, so no row is marked chosen.
-    _place_in_plane(table, cands, second, None if cfg.second == "last-pcs" else chosen)
-
-    # from_pretrained records the id or path it was given; a model built in memory has none.
     model_name = display_path(getattr(model.config, "_name_or_path", "") or str(cfg.model))
-    meta = PlaneMeta(
-        model=model_name,
-        hidden_size=reader.hidden,
-        method=_method_record(cfg, sites, window, chosen, n_layers, reason, second),
-        candidates=[row.as_dict() for row in table],
-        data=_data_record(data, plist, splits),
-    )
-    plane = Plane(second.b1, second.b2, meta)
-    result = ExtractionResult(
-        plane, table, sites, cands, cfg, chosen, reason=reason, second_info=second.info
-    )
+
+    def plane_for(c: ExtractConfig) -> ExtractionResult:
+        """The plane one set of choices makes from the statistics (computed once)."""
+        table = candidate_table(sites, cands, window, aurocs, ds)
+        if c.random_b1:
+            b1, chosen, reason = random_unit(reader.hidden, c.seed), None, "random (control)"
+        else:
+            first = select_first_axis(c.select, table, cands, window)
+            b1, chosen, reason = first.b1, first.index, first.reason
+        second = _second_axis(c, reader, plist, cands, window, b1)
+        if c.second == "last-pcs":
+            # The plane replaced b1: the --select choice only orients it (see last_pcs_plane).
+            reason += (
+                f"; b1 = its projection onto the last-two-PC plane "
+                f"(cos {float(second.b1 @ b1):.3f})"
+            )
+        # Under last-pcs no site's candidate is b1, so no row is marked chosen.
+        _place_in_plane(table, cands, second, None if c.second == "last-pcs" else chosen)
+        # from_pretrained records the id or path it was given; a model built in memory has none.
+        meta = PlaneMeta(
+            model=model_name,
+            hidden_size=reader.hidden,
+            method=_method_record(c, sites, window, chosen, n_layers, reason, second),
+            candidates=[row.as_dict() for row in table],
+            data=_data_record(data, plist, splits),
+        )
+        plane = Plane(second.b1, second.b2, meta)
+        return ExtractionResult(
+            plane, table, sites, cands, c, chosen, reason=reason, second_info=second.info
+        )
+
+    result = plane_for(cfg)
     if cfg.out:
         result.paths = write_outputs(result, Path(cfg.out), figure=cfg.figure)
+        if cfg.controls:
+            for name, control in control_configs(cfg).items():
+                path = control_path(Path(cfg.out), name)
+                write_outputs(plane_for(control), path, figure=False)
+                result.controls[name] = path
     return result
+
+
+def control_configs(cfg: ExtractConfig) -> dict[str, ExtractConfig]:
+    """The standard controls of a plane, by name: b2 random (b1 as chosen), b1 and b2 random,
+    and b1 by every other selection rule (b2 as chosen). Same statistics, same seed."""
+    from dataclasses import replace
+
+    out = {}
+    if cfg.second != "random":
+        out["random-b2"] = replace(cfg, second="random", controls=False)
+    if not cfg.random_b1:
+        out["random"] = replace(cfg, random_b1=True, second="random", controls=False)
+    for rule in SELECT_METHODS:
+        if rule != cfg.select and not cfg.random_b1 and (rule != "separability" or cfg.holdout > 0):
+            out[f"select-{rule}".replace("_", "-")] = replace(cfg, select=rule, controls=False)
+    return out
+
+
+def control_path(out: Path, name: str) -> Path:
+    """`plane.safetensors` -> `plane.ctrl-<name>.safetensors`, beside the plane."""
+    return out.with_name(f"{out.stem}.ctrl-{name}{out.suffix}")
 
 
 def _class_statistics(
@@ -230,6 +262,8 @@ def _place_in_plane(
         # Where the candidate points inside the plane: a refusal peak away from 0 degrees in
         # a sweep often sits at the angle of some candidate (e.g. an early-layer outlier).
         row.plane_angle = round(math.degrees(math.atan2(row.cos_b2, row.cos_b1)), 3) % 360.0
+        row.harmful_b1 = float(cands.means[HARMFUL][i] @ second.b1)
+        row.harmless_b1 = float(cands.means[HARMLESS][i] @ second.b1)
         row.chosen = i == chosen
 
 

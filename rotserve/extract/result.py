@@ -30,6 +30,7 @@ class ExtractionResult:
     paths: dict[str, Path] = field(default_factory=dict)
     reason: str = ""
     second_info: dict[str, Any] = field(default_factory=dict)
+    controls: dict[str, Path] = field(default_factory=dict)  # name -> control plane file
 
     def summary(self) -> str:
         """A few lines: the data, which site b1 came from and why, b2, outliers, the files."""

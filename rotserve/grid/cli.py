@@ -95,8 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--plane",
+        action="append",
         default=None,
-        help=f"steering plane .safetensors (default: MODEL/{PLANE_FILENAME}, the model's own)",
+        metavar="[NAME=]FILE",
+        help=f"steering plane .safetensors; repeat as NAME=FILE to sweep several planes in one "
+        f"run (rows carry the plane's name) (default: MODEL/{PLANE_FILENAME}, the model's own)",
+    )
+    g.add_argument(
+        "--layers",
+        action="append",
+        default=None,
+        metavar="WINDOW",
+        help="a layer window to steer: all, a:b (a Python slice), a list like 3,4,5, or "
+        "selective (per plane, the layers where the mean harmful and harmless activations "
+        "project on b1 with opposite signs, from the extraction statistics in the plane "
+        "file); repeat to sweep several windows in one run (default: all)",
     )
     g.add_argument(
         "--prompts",
@@ -278,7 +291,8 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         **given,
         model=args.model,
         revision=args.revision,
-        plane=args.plane,
+        **_plane_fields(args.plane),
+        windows=tuple(args.layers or ()),
         column=args.column,
         angles=angles,
         baseline=args.baseline,
@@ -302,6 +316,22 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         progress=args.progress,
         verbose=args.verbose,
     )
+
+
+def _plane_fields(values: list[str] | None) -> dict[str, Any]:
+    """--plane FILE (one plane) or --plane NAME=FILE ... (a sweep) as GridConfig fields."""
+    from rotserve.steering import plane_options
+    from rotserve.vllm_plugin.config import RotServeConfigError
+
+    if not values:
+        return {"plane": None}
+    try:
+        plane, planes = plane_options(values)
+    except RotServeConfigError as e:
+        raise GridConfigError(str(e)) from None
+    if planes is None:
+        return {"plane": plane}
+    return {"plane": None, "planes": tuple(planes.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.paths import DATA_DIR_ENV, PLANE_FILENAME, default_prompts, toy_model_dir
-from rotserve.plane import Plane, PlaneError, file_sha256
+from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
 from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
-from rotserve.vllm_plugin.config import RotServeConfigError, UnsupportedArchitectureError
+from rotserve.vllm_plugin.config import (
+    RequestSteeringError,
+    RotServeConfigError,
+    UnsupportedArchitectureError,
+    canonical_window,
+    window_layers,
+)
 
 DEFAULT_ANGLE_COUNT = 36  # the reference grid: 0..350 step 10
 DEFAULT_MAX_TOKENS = 32  # the toy answers or refuses within its first ~10 tokens
@@ -127,6 +133,10 @@ class GridConfig:
     model: str = field(default_factory=lambda: str(toy_model_dir()))
     revision: str | None = None  # HF revision, for hub ids
     plane: str | None = None  # None: <model>/plane.safetensors
+    # Several planes swept in one run (name, file); when given, `plane` must be None.
+    planes: tuple[tuple[str, str], ...] = ()
+    # Layer windows swept ("all", "a:b", "3,4,5"); () = every layer (as "all").
+    windows: tuple[str, ...] = ()
     prompts: tuple[tuple[str, str], ...] = field(
         default_factory=lambda: tuple((k, str(v)) for k, v in default_prompts().items())
     )
@@ -180,6 +190,14 @@ class ResolvedGrid:
     angles: tuple[float, ...]
     run_id: str
     out: Path
+    plane_shas: tuple[tuple[str, str], ...] = ()  # (name, sha256) of every plane, slot order
+    windows: tuple[str, ...] = ("all",)  # canonical layer windows (and "selective")
+    # "selective" per plane: (name, canonical layer list) from the plane's statistics.
+    selective: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def plane_names(self) -> tuple[str, ...]:
+        return self.steering.settings.plane_names
 
     @property
     def hidden_size(self) -> int:
@@ -196,7 +214,13 @@ class ResolvedGrid:
     def identity(self) -> dict[str, Any]:
         """Everything that determines the rows; its hash is the run id."""
         return run_identity(
-            self.config, self.model, self.plane_sha256, self.prompt_sets, self.angles
+            self.config,
+            self.model,
+            self.plane_sha256,
+            self.prompt_sets,
+            self.angles,
+            self.plane_shas,
+            self.windows,
         )
 
 
@@ -206,8 +230,17 @@ def run_identity(
     plane_sha256: str,
     prompt_sets: tuple[PromptSet, ...],
     angles: tuple[float, ...],
+    plane_shas: tuple[tuple[str, str], ...] = (),
+    windows: tuple[str, ...] = ("all",),
 ) -> dict[str, Any]:
+    # A single-plane, every-layer run keeps the identity (and run id) it had before sweeps.
+    sweep: dict[str, Any] = {}
+    if len(plane_shas) > 1 or [n for n, _ in plane_shas] not in ([], ["default"]):
+        sweep["planes"] = [list(p) for p in plane_shas]
+    if tuple(windows) != ("all",):
+        sweep["windows"] = list(windows)
     return {
+        **sweep,
         "model": model,
         "revision": config.revision,
         "plane_sha256": plane_sha256,
@@ -253,7 +286,13 @@ def resolve(config: GridConfig) -> ResolvedGrid:
         _check_weights_dir(Path(model))
     prompt_sets = _load_prompt_sets(config.prompts, config.column)
     plane_sha = file_sha256(steering.plane_path)
-    identity = run_identity(config, model, plane_sha, prompt_sets, angles)
+    plane_shas = tuple(
+        (name, plane_sha if i == 0 else file_sha256(path))
+        for i, (name, path) in enumerate(steering.settings.planes)
+    )
+    windows = _windows(config.windows, steering.info.num_layers)
+    selective = _selective(steering) if SELECTIVE in windows else ()
+    identity = run_identity(config, model, plane_sha, prompt_sets, angles, plane_shas, windows)
     run_id = identity_hash(identity)
     out = (
         Path(config.out).expanduser().resolve()
@@ -270,7 +309,44 @@ def resolve(config: GridConfig) -> ResolvedGrid:
         angles=angles,
         run_id=run_id,
         out=out,
+        plane_shas=plane_shas,
+        windows=windows,
+        selective=selective,
     )
+
+
+SELECTIVE = "selective"  # the window of each plane's own selective layers
+
+
+def _selective(steering: SteeringSetup) -> tuple[tuple[str, str], ...]:
+    out = []
+    for name, plane in zip(steering.settings.plane_names, steering.planes, strict=True):
+        try:
+            layers = selective_layers(plane, f"plane {name!r}")
+        except PlaneError as e:
+            raise GridConfigError(f"--layers selective: {e}") from None
+        out.append((name, ",".join(map(str, layers)) or "none"))
+    return tuple(out)
+
+
+def _windows(windows: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
+    """Canonical layer windows, each checked against the model's layer count; no duplicates."""
+    if not windows:
+        return ("all",)
+    out: list[str] = []
+    for raw in windows:
+        try:
+            spec = (
+                SELECTIVE if raw.strip().lower() == SELECTIVE else canonical_window(raw, "--layers")
+            )
+            if spec != SELECTIVE:
+                window_layers(spec, num_layers)
+        except RequestSteeringError as e:
+            raise GridConfigError(f"--layers {raw}: {e}") from None
+        if spec in out:
+            raise GridConfigError(f"--layers {raw} is given twice (as {spec})")
+        out.append(spec)
+    return tuple(out)
 
 
 def _check_numbers(c: GridConfig) -> None:
@@ -344,13 +420,26 @@ def _prepare_steering(model: str, config: GridConfig, is_local: bool) -> Steerin
         info = ModelInfo.from_pretrained(model, config.revision)
     except RotServeConfigError as e:
         raise GridConfigError(f"--model: {e}") from None
-    plane_path = _resolve_plane_path(config.plane, model, is_local)
+    if config.planes:
+        if config.plane is not None:
+            raise GridConfigError("give --plane FILE or --plane NAME=FILE (repeatable), not both")
+        planes = {}
+        for name, raw in config.planes:
+            if name in planes:
+                raise GridConfigError(f"--plane {name}=...: the name {name!r} is given twice")
+            planes[name] = _resolve_plane_path(raw, model, is_local)
+        where = ", ".join(f"{n}={p}" for n, p in planes.items())
+        plane_path = None
+    else:
+        planes = None
+        plane_path = _resolve_plane_path(config.plane, model, is_local)
+        where = str(plane_path)
     try:
-        return prepare_steering(model, plane_path, info=info)
+        return prepare_steering(model, plane_path, planes=planes, info=info)
     except UnsupportedArchitectureError as e:
         raise GridConfigError(f"--model {model}: {e}") from None
     except (PlaneError, RotServeConfigError) as e:
-        raise GridConfigError(f"--plane {plane_path}: {e}") from None
+        raise GridConfigError(f"--plane {where}: {e}") from None
 
 
 def _check_weights_dir(model_dir: Path) -> None:
@@ -430,4 +519,6 @@ def config_dict(config: GridConfig) -> dict[str, Any]:
     d = asdict(config)
     d["prompts"] = [list(p) for p in config.prompts]
     d["angles"] = list(config.angles)
+    d["planes"] = [list(p) for p in config.planes]
+    d["windows"] = list(config.windows)
     return d

@@ -118,7 +118,9 @@ def run_grid(
 
 def plan_grid(resolved: ResolvedGrid) -> GridPlan:
     c = resolved.config
-    conds = conditions(resolved.angles, c.adaptive_modes, c.baseline)
+    conds = conditions(
+        resolved.angles, c.adaptive_modes, c.baseline, resolved.plane_names, resolved.windows
+    )
     return make_plan(resolved.prompt_sets, conds, c.shard_size, c.samples_per_prompt)
 
 
@@ -167,6 +169,14 @@ def _run_pending(
             plane_path=str(resolved.plane_path),
             plane_bytes=resolved.plane_path.read_bytes(),
             plane_sha256=resolved.plane_sha256,
+            planes=tuple(
+                (name, str(path), path.read_bytes(), sha)
+                for (name, path), (_, sha) in zip(
+                    resolved.steering.settings.planes, resolved.plane_shas, strict=True
+                )
+            )
+            if resolved.config.planes
+            else (),
             dtype=c.dtype,
             revision=c.revision,
             tensor_parallel_size=where.tensor_parallel_size,
@@ -190,6 +200,7 @@ def _run_pending(
             seed=c.seed,
             samples=c.samples_per_prompt,
             coherence=c.coherence,
+            selective=dict(resolved.selective),
         )
         bar = tqdm(
             total=plan.n_rows,

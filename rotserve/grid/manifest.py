@@ -59,6 +59,18 @@ def build_manifest(
             "hidden_size": resolved.plane.hidden_size,
             "meta": asdict(resolved.plane.meta),
         },
+        # Every plane of the run (one for a single-plane run), in the engine's slot order.
+        "planes": [
+            {"name": name, "path": str(path), "sha256": sha, "plane_id": plane.plane_id}
+            for (name, path), (_, sha), plane in zip(
+                resolved.steering.settings.planes,
+                resolved.plane_shas,
+                resolved.steering.planes,
+                strict=True,
+            )
+        ],
+        "windows": list(resolved.windows),
+        "selective_layers": dict(resolved.selective),
         "prompts": [
             {"label": s.label, "path": str(s.path), "sha256": s.sha256, "n": len(s.prompts)}
             for s in resolved.prompt_sets

@@ -1,7 +1,7 @@
 """The grid as work: (dataset, prompt, condition) units cut into deterministic shards. Pure.
 
-A condition is an angle plus a mode (plain or adaptive mask), or the baseline (no rotation,
-angle None). Units are laid out prompt-major, conditions innermost, and cut into consecutive
+A condition is an angle plus a mode (plain or adaptive mask), a plane and a layer window, or
+the baseline (no rotation, angle None). Units are laid out prompt-major, conditions innermost, and cut into consecutive
 shards of `shard_size` units: each shard holds a few prompts at every angle, so one
 generate() call mixes many angles in its batches (the point of per-request steering), and the
 engine sees every angle in every shard.
@@ -23,16 +23,19 @@ from rotserve.grid.config import PromptSet
 
 @dataclass(frozen=True)
 class Condition:
-    """How a unit is steered: an angle in degrees and a mask mode, or the baseline."""
+    """How a unit is steered: an angle in degrees, a mask mode, a plane and a layer window,
+    or the baseline."""
 
     angle: float | None  # None = no steering (baseline); never confused with 0°
     adaptive: bool  # the baseline carries False: no rotation, so no mask either
+    plane: str | None = None  # the plane's name; None for the baseline
+    window: str | None = None  # canonical layer window ("all", "3:9", "4,5"); None = baseline
 
     @property
     def label(self) -> str:
         if self.angle is None:
             return "baseline"
-        return f"{self.angle:g}° {'adaptive' if self.adaptive else 'plain'}"
+        return f"{self.angle:g}° {'adaptive' if self.adaptive else 'plain'} {self.plane} [{self.window}]"
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ class WorkUnit:
     category: str
     condition: Condition
 
-    def key(self) -> tuple[str, str, float | None, bool]:
-        return (self.dataset, self.prompt_id, self.condition.angle, self.condition.adaptive)
+    def key(self) -> tuple[str, str, float | None, bool, str | None, str | None]:
+        c = self.condition
+        return (self.dataset, self.prompt_id, c.angle, c.adaptive, c.plane, c.window)
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,21 @@ class GridPlan:
 
 
 def conditions(
-    angles: Sequence[float], adaptive_modes: Sequence[bool], baseline: bool
+    angles: Sequence[float],
+    adaptive_modes: Sequence[bool],
+    baseline: bool,
+    planes: Sequence[str] = ("default",),
+    windows: Sequence[str] = ("all",),
 ) -> tuple[Condition, ...]:
-    """Baseline first (if asked), then every angle in every mode."""
+    """Baseline first (if asked), then every plane x window x mode x angle."""
     out = [Condition(None, False)] if baseline else []
-    out += [Condition(float(a), bool(m)) for m in adaptive_modes for a in angles]
+    out += [
+        Condition(float(a), bool(m), plane, window)
+        for plane in planes
+        for window in windows
+        for m in adaptive_modes
+        for a in angles
+    ]
     return tuple(out)
 
 
@@ -114,7 +128,10 @@ def make_plan(
     )
     h = hashlib.sha256()
     for u in units:
-        h.update(json.dumps([*u.key(), u.instruction]).encode() + b"\n")
+        key = list(u.key())
+        if key[-2:] in (["default", "all"], [None, None]):
+            key = key[:-2]  # single-plane, every-layer plans keep their fingerprint
+        h.update(json.dumps([*key, u.instruction]).encode() + b"\n")
     h.update(f"samples={samples};shard_size={shard_size}".encode())
     return GridPlan(
         shards=shards, conditions=tuple(conds), samples=samples, fingerprint=h.hexdigest()[:16]

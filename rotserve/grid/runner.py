@@ -71,6 +71,8 @@ class EngineSpec:
     plane_path: str
     plane_bytes: bytes  # the plane file itself, for nodes that cannot see plane_path
     plane_sha256: str
+    # A sweep's planes: (name, path, file bytes, sha256) each; () = the one plane above.
+    planes: tuple[tuple[str, str, bytes, str], ...] = ()
     dtype: str = "auto"
     revision: str | None = None
     tensor_parallel_size: int = 1
@@ -92,6 +94,8 @@ class RowContext:
     seed: int
     samples: int
     coherence: bool = True  # score every generation under the unsteered model (nll column)
+    # The "selective" window's layers per plane name (canonical list), for sweeps that use it.
+    selective: dict[str, str] = field(default_factory=dict)
 
 
 class GridEngine(Protocol):
@@ -133,18 +137,22 @@ def make_engine(spec: EngineSpec) -> GridEngine:
         kwargs["tensor_parallel_size"] = spec.tensor_parallel_size
         # Inside a Ray actor, vLLM's own workers are processes on the actor's GPUs.
         kwargs.setdefault("distributed_executor_backend", "mp")
-    return RotServeEngine(spec.model, _local_plane(spec), dtype=spec.dtype, **kwargs)
+    if spec.planes:
+        planes = {name: _local_plane(path, data, sha) for name, path, data, sha in spec.planes}
+        return RotServeEngine(spec.model, planes=planes, dtype=spec.dtype, **kwargs)
+    plane = _local_plane(spec.plane_path, spec.plane_bytes, spec.plane_sha256)
+    return RotServeEngine(spec.model, plane, dtype=spec.dtype, **kwargs)
 
 
-def _local_plane(spec: EngineSpec) -> str:
+def _local_plane(plane_path: str, plane_bytes: bytes, sha256: str) -> str:
     """The plane path, or a local copy of its bytes on a node that cannot see the driver's disk."""
-    path = Path(spec.plane_path)
-    if path.is_file() and path.stat().st_size == len(spec.plane_bytes):
+    path = Path(plane_path)
+    if path.is_file() and path.stat().st_size == len(plane_bytes):
         return str(path)
-    copy = Path(tempfile.gettempdir()) / f"rotserve-plane-{spec.plane_sha256[:16]}.safetensors"
+    copy = Path(tempfile.gettempdir()) / f"rotserve-plane-{sha256[:16]}.safetensors"
     if not copy.is_file():
         tmp = copy.with_name(copy.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(spec.plane_bytes)
+        tmp.write_bytes(plane_bytes)
         os.replace(tmp, copy)
     return str(copy)
 
@@ -162,6 +170,22 @@ def cpu_binding(slot: int, cpus_per_engine: int, ncpus: int) -> str:
 def generate_shard(engine: GridEngine, shard: Shard, ctx: RowContext) -> list[dict[str, Any]]:
     """Run one shard through the engine in ONE generate call (mixed angles share batches)."""
     units = shard.units
+    # Plane and window go to the engine only in a sweep: the single-plane, every-layer grid
+    # asks the engine exactly what it always did (and test stand-ins need not know them).
+    sweep: dict[str, Any] = {}
+    if any(
+        (u.condition.plane, u.condition.window) not in ((None, None), ("default", "all"))
+        for u in units
+    ):
+        sweep = {
+            "plane": [u.condition.plane for u in units],
+            "layers": [
+                ctx.selective[u.condition.plane or ""]
+                if u.condition.window == "selective"
+                else u.condition.window
+                for u in units
+            ],
+        }
     completions = engine.generate(
         [u.instruction for u in units],
         angles=[u.condition.angle for u in units],
@@ -171,6 +195,7 @@ def generate_shard(engine: GridEngine, shard: Shard, ctx: RowContext) -> list[di
         seed=ctx.seed,
         n=ctx.samples,
         chat=True,
+        **sweep,
     )
     scores = None
     if ctx.coherence:  # one more batch of prefills, unsteered: what the stock model makes of it
@@ -200,7 +225,8 @@ def shard_rows(
             # Guard the pairing: a reordering inside the engine must fail loudly, not mislabel rows.
             got = (rec.instruction, rec.angle, rec.adaptive, rec.sample)
             want = (unit.instruction, unit.condition.angle, unit.condition.adaptive, s)
-            if got != want:
+            plane = getattr(rec, "plane", None)
+            if got != want or (plane is not None and plane != unit.condition.plane):
                 raise GridRunError(
                     f"engine completion {i * n + s} is for (instruction, angle, adaptive, sample) "
                     f"{got!r}, expected {want!r}"
@@ -216,7 +242,8 @@ def shard_rows(
                 {
                     "run_id": ctx.run_id,
                     "model": ctx.model,
-                    "plane_id": ctx.plane_id,
+                    # The row's own plane; the baseline carries the default plane's id.
+                    "plane_id": getattr(rec, "plane_id", None) or ctx.plane_id,
                     "dataset": unit.dataset,
                     "prompt_id": unit.prompt_id,
                     "instruction": unit.instruction,
@@ -224,6 +251,8 @@ def shard_rows(
                     "category": unit.category,
                     "angle": unit.condition.angle,
                     "adaptive": unit.condition.adaptive,
+                    "plane": unit.condition.plane,
+                    "window": unit.condition.window,
                     "sample": s,
                     "seed": ctx.seed,
                     "temperature": ctx.temperature,

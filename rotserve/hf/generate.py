@@ -8,9 +8,10 @@ with one row of the angle table per sequence in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ import torch
 
 from rotserve.hf.sites import STEER_SITES, decoder_layers
 from rotserve.plane import Plane, load_plane
-from rotserve.rotation import angle_table, rotate
+from rotserve.rotation import TABLE_WIDTH, angle_table, rotate_planes
+from rotserve.vllm_plugin.config import (
+    PlaneCatalog,
+    RequestSteering,
+    check_plane_name,
+    parse_request,
+)
+from rotserve.vllm_plugin.state import steering_row
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +77,11 @@ class RotationHooks:
 
     `table` holds one row per sequence; each hook expands it to one row per token, so a batch
     mixes angles freely and rows with no angle pass through bit-identical.
+
+    `for_planes` builds the several-planes form the vLLM plugin runs: hooks at every layer x
+    site, rows carrying the plane one-hot and one gate per hooked norm (rotserve.vllm_plugin's
+    row builder, steering_row), and the same op (rotate_planes), so each row steers its own
+    plane in its own window.
     """
 
     def __init__(
@@ -84,21 +97,61 @@ class RotationHooks:
         chosen = set(range(len(all_layers)) if layers is None else layers)
         param = next(model.parameters())
         self.basis = plane.basis.to(param.device)
-        self.table: torch.Tensor | None = None  # [batch, 5] while active
+        self.bases = self.basis[None]
+        self.table: torch.Tensor | None = None  # [batch, width] while active
         self.modules = [ls.norm(s) for ls in all_layers if ls.index in chosen for s in sites]
+        self.gates: list[int | None] = [None] * len(self.modules)
+        self.catalog: PlaneCatalog | None = None
         self._handles: list[Any] = []
 
-    def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def for_planes(cls, model: torch.nn.Module, planes: Mapping[str, Plane]) -> RotationHooks:
+        """Hooks for several named planes (the first is the default), every layer steerable."""
+        named = list(planes.items())
+        hooks = cls(model, named[0][1])
+        all_layers = decoder_layers(model)
+        for name, plane in named:
+            check_plane_name(name)
+            plane.check_hidden_size(hooks.basis.shape[-1])
+        steerable = tuple((ls.index, s) for ls in all_layers for s in STEER_SITES)
+        hooks.catalog = PlaneCatalog(
+            names=tuple(n for n, _ in named),
+            ids=tuple(p.plane_id for _, p in named),
+            num_layers=len(all_layers),
+            steerable=steerable,
+            default_layers=tuple(range(len(all_layers))),
+            default_sites=STEER_SITES,
+            slots=len(named),
+        )
+        hooks.bases = torch.stack([p.basis for _, p in named]).to(hooks.basis.device)
+        hooks.modules = [all_layers[layer].norm(site) for layer, site in steerable]
+        hooks.gates = list(range(len(steerable)))
+        return hooks
+
+    def rows(self, steerings: Sequence[RequestSteering]) -> torch.Tensor:
+        """One table row per sequence (RequestSteeringError for an unknown plane or layer)."""
+        return torch.stack([steering_row(st, self.catalog) for st in steerings])
+
+    def _hook(
+        self, gate: int | None, module: torch.nn.Module, args: Any, output: torch.Tensor
+    ) -> torch.Tensor:
         if self.table is None:
             return output
         batch, seq, hidden = output.shape
         per_token = self.table.repeat_interleave(seq, dim=0)
-        return rotate(output.reshape(-1, hidden), self.basis, per_token).view(batch, seq, hidden)
+        k = self.bases.shape[0]
+        onehot = per_token[:, TABLE_WIDTH : TABLE_WIDTH + k]
+        g = None if gate is None else per_token[:, TABLE_WIDTH + k + gate]
+        flat = output.reshape(-1, hidden)
+        return rotate_planes(flat, self.bases, per_token, onehot, g).view(batch, seq, hidden)
 
     @contextmanager
     def steering(self, table: torch.Tensor) -> Iterator[None]:
         self.table = table.to(self.basis.device)
-        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        self._handles = [
+            m.register_forward_hook(partial(self._hook, gate))
+            for m, gate in zip(self.modules, self.gates, strict=True)
+        ]
         try:
             yield
         finally:
@@ -120,12 +173,19 @@ class HFRotatedGenerator:
         layers: Sequence[int] | None = None,
         sites: Sequence[str] = STEER_SITES,
         trust_remote_code: bool = False,
+        planes: Mapping[str, Plane | str | Path] | None = None,
     ) -> None:
+        """One `plane` (steered at `layers` x `sites`), or several named `planes`, each
+        generate() row then naming its plane and window (generate's plane=, layers=)."""
         self.model, self.tokenizer = load_hf_model(model, dtype, device, trust_remote_code)
         if plane is not None and not isinstance(plane, Plane):
             plane = load_plane(plane)
         self.plane = plane
         self.hooks = RotationHooks(self.model, plane, layers, sites) if plane is not None else None
+        if planes is not None:
+            loaded = {n: p if isinstance(p, Plane) else load_plane(p) for n, p in planes.items()}
+            self.plane = next(iter(loaded.values()))
+            self.hooks = RotationHooks.for_planes(self.model, loaded)
 
     @torch.no_grad()
     def generate(
@@ -137,20 +197,41 @@ class HFRotatedGenerator:
         temperature: float = 0.0,
         seed: int | None = None,
         batch_size: int = 16,
+        relative: bool | Sequence[bool] = False,
+        plane: Sequence[str | None] | None = None,
+        layers: Sequence[Any] | None = None,
     ) -> list[HFGeneration]:
-        """prompts are already chat-templated strings; one angle per prompt, None = unsteered."""
+        """prompts are already chat-templated strings; one angle per prompt, None = unsteered;
+        `relative` per prompt (or shared): "rotate by" the angle instead of "rotate to".
+        With several planes, `plane` and `layers` (a window each, None = the default) per
+        prompt."""
         if len(angles) != len(prompts):
             raise ValueError(
                 f"{len(prompts)} prompts but {len(angles)} angles: give one per prompt"
             )
         flags = [adaptive] * len(prompts) if isinstance(adaptive, bool) else list(adaptive)
+        turns = [relative] * len(prompts) if isinstance(relative, bool) else list(relative)
+        names = list(plane) if plane is not None else [None] * len(prompts)
+        windows = list(layers) if layers is not None else [None] * len(prompts)
+        if (plane is not None or layers is not None) and (
+            self.hooks is None or self.hooks.catalog is None
+        ):
+            raise ValueError("plane/layers per prompt need a generator built with planes={...}")
         if self.hooks is None and any(a is not None for a in angles):
             raise ValueError("angles given but the generator has no plane")
         out: list[HFGeneration] = []
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
             out += self._generate_batch(
-                list(prompts[sl]), list(angles[sl]), flags[sl], max_new_tokens, temperature, seed
+                list(prompts[sl]),
+                list(angles[sl]),
+                flags[sl],
+                max_new_tokens,
+                temperature,
+                seed,
+                turns[sl],
+                names[sl],
+                windows[sl],
             )
         return out
 
@@ -192,6 +273,9 @@ class HFRotatedGenerator:
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
+        relative: list[bool] | None = None,
+        planes: list[str | None] | None = None,
+        windows: list[Any] | None = None,
     ) -> list[HFGeneration]:
         device = next(self.model.parameters()).device
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -210,7 +294,32 @@ class HFRotatedGenerator:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        table = angle_table(angles, adaptive=adaptive)
+        if self.hooks is not None and self.hooks.catalog is not None:
+            table = self.hooks.rows(
+                [
+                    parse_request(
+                        {
+                            "rotserve": {
+                                "angle": a,
+                                "adaptive": ad,
+                                "mode": "relative" if rel else "absolute",
+                                **({"plane": p} if p is not None else {}),
+                                **({"layers": w} if w is not None else {}),
+                            }
+                        }
+                    )
+                    for a, ad, rel, p, w in zip(
+                        angles,
+                        adaptive,
+                        relative or [False] * len(angles),
+                        planes or [None] * len(angles),
+                        windows or [None] * len(angles),
+                        strict=True,
+                    )
+                ]
+            )
+        else:
+            table = angle_table(angles, adaptive=adaptive, relative=relative or False)
         if self.hooks is not None:
             with self.hooks.steering(table):
                 res = self.model.generate(**enc, **kwargs)

@@ -2,6 +2,9 @@
 
 The baseline (no steering) rate of each dataset is drawn as a dashed circle in the trace's
 colour, so "steering raised/lowered refusal" reads as inside/outside the circle.
+
+A plane/window sweep instead gets one panel per (dataset, mode) with one trace per
+(plane, window) setting, overlaid, and the dataset's baseline as a dashed black circle.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from rotserve.report.summary import BASELINE, SummaryRow, datasets, modes
+from rotserve.report.summary import BASELINE, SummaryRow, datasets, modes, settings
 
 
 def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
@@ -18,6 +22,10 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
+
+    named = settings(rows)
+    if len(named) > 1 or (named and named[0]):
+        return _settings_plot(plt, rows, named, path, title)
 
     panels = modes(rows)
     if not panels:  # baseline-only run: nothing to draw against angle; still write a plot
@@ -67,5 +75,55 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
     fig.tight_layout(rect=(0, 0.035 + 0.04 * rows, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _settings_plot(
+    plt: Any, rows: Sequence[SummaryRow], named: list[str], path: Path, title: str
+) -> Path:
+    """A panel per (dataset, mode), a trace per (plane, window) setting."""
+    ds, panels = datasets(rows), modes(rows)
+    fig, axes = plt.subplots(
+        len(ds),
+        len(panels),
+        subplot_kw={"projection": "polar"},
+        figsize=(5.2 * len(panels), 5.0 * len(ds) + 0.8),
+        squeeze=False,
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    circle = [2 * math.pi * i / 360 for i in range(361)]
+    for row_axes, d in zip(axes, ds, strict=True):
+        base = next((r for r in rows if r.dataset == d and r.mode == BASELINE), None)
+        for ax, mode in zip(row_axes, panels, strict=True):
+            for i, setting in enumerate(named):
+                pts = sorted(
+                    (r.angle, r.refusal_rate)
+                    for r in rows
+                    if r.dataset == d and r.mode == mode and r.setting == setting
+                )
+                if not pts:
+                    continue
+                theta = [math.radians(a) for a, _ in pts]
+                rate = [r for _, r in pts]
+                if len(pts) >= 3:
+                    theta.append(theta[0] + 2 * math.pi)
+                    rate.append(rate[0])
+                ax.plot(theta, rate, "-o", color=colours[i % len(colours)], markersize=3,
+                        linewidth=1.4, label=setting)  # fmt: skip
+            if base is not None:
+                ax.plot(circle, [base.refusal_rate] * len(circle), "--", color="black",
+                        linewidth=1.0, alpha=0.7, label="baseline")  # fmt: skip
+            ax.set_ylim(0, 1.05)
+            ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+            ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
+            ax.set_title(f"{d}, {mode} mode", pad=14)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    ncol = max(1, min(len(labels), 4))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.suptitle(title or "refusal rate by steering angle (0° = toward refusal)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.035 + 0.03 * -(-len(labels) // ncol), 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -30,6 +30,30 @@ class SummaryRow:
     mean_fluency: float
     mean_nll: float | None = None  # per token, under the unsteered model (rows that have it)
     perplexity: float | None = None  # exp(mean_nll)
+    # "PLANE [WINDOW]" of a plane/window sweep; "" for the baseline and for a run with one
+    # plane steering every layer (whose report reads as before sweeps existed).
+    setting: str = ""
+
+
+def setting_of(angle: float | None, plane: str | None, window: str | None) -> str:
+    if angle is None or (plane, window) in ((None, None), ("default", "all")):
+        return ""
+    return f"{plane} [{window}]"
+
+
+def settings(rows: Sequence[SummaryRow]) -> list[str]:
+    """The (plane, window) settings of the steered rows, first-seen order."""
+    return list(dict.fromkeys(r.setting for r in rows if r.mode != BASELINE))
+
+
+def by_setting(rows: Sequence[SummaryRow]) -> list[tuple[str, list[SummaryRow]]]:
+    """Each setting's rows plus the baseline rows, so every per-setting view has its
+    reference; a single unnamed setting gives [("", rows)]."""
+    base = [r for r in rows if r.mode == BASELINE]
+    return [
+        (s, base + [r for r in rows if r.mode != BASELINE and r.setting == s])
+        for s in settings(rows)
+    ] or [("", list(rows))]
 
 
 def mode_of(angle: float | None, adaptive: bool) -> str:
@@ -42,13 +66,25 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
     """One SummaryRow per (dataset, mode, angle), datasets in first-seen order, baseline first."""
     names = ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency", "nll")
     cols = {name: table.column(name).to_pylist() for name in names}
+    # Runs written before plane/window sweeps have neither column: one unnamed setting.
+    n_rows = table.num_rows
+    planes = table.column("plane").to_pylist() if "plane" in table.column_names else [None] * n_rows
+    windows = (
+        table.column("window").to_pylist() if "window" in table.column_names else [None] * n_rows
+    )
     # n, refusals, tokens, fluency, nll sum, rows with an nll
-    acc: dict[tuple[str, str, float | None], list[float]] = defaultdict(lambda: [0.0] * 6)
+    acc: dict[tuple[str, str, str, float | None], list[float]] = defaultdict(lambda: [0.0] * 6)
     order: list[str] = []
-    for ds, angle, adaptive, refused, tokens, flu, nll in zip(*cols.values(), strict=True):
+    setting_order: list[str] = []
+    for ds, angle, adaptive, refused, tokens, flu, nll, plane, window in zip(
+        *cols.values(), planes, windows, strict=True
+    ):
         if ds not in order:
             order.append(ds)
-        a = acc[(ds, mode_of(angle, adaptive), angle)]
+        setting = setting_of(angle, plane, window)
+        if setting not in setting_order:
+            setting_order.append(setting)
+        a = acc[(ds, mode_of(angle, adaptive), setting, angle)]
         a[0] += 1
         a[1] += bool(refused)
         a[2] += tokens
@@ -57,14 +93,17 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
             a[4] += nll
             a[5] += 1
     rows = []
-    for (ds, mode, angle), (n, r, t, f, nll_sum, n_nll) in acc.items():
+    for (ds, mode, setting, angle), (n, r, t, f, nll_sum, n_nll) in acc.items():
         mean_nll = nll_sum / n_nll if n_nll else None
         ppl = math.exp(min(mean_nll, 700.0)) if mean_nll is not None else None
-        rows.append(SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, mean_nll, ppl))
+        rows.append(
+            SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, mean_nll, ppl, setting)
+        )
     rows.sort(
         key=lambda s: (
             order.index(s.dataset),
             MODE_ORDER.index(s.mode),
+            setting_order.index(s.setting),
             -1.0 if s.angle is None else s.angle,
         )
     )
@@ -73,8 +112,10 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
 
 def write_csv(rows: Sequence[SummaryRow], path: Path) -> Path:
     names = [f.name for f in fields(SummaryRow)]
+    if not any(r.setting for r in rows):
+        names.remove("setting")  # a run without plane/window sweeps: the columns it always had
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=names)
+        w = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             d = asdict(r)
@@ -105,10 +146,23 @@ def modes(rows: Sequence[SummaryRow]) -> list[str]:
 
 
 def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
-    """One wide table per mode: a row per angle (baseline first), three columns per dataset."""
+    """One wide table per mode (and per plane/window setting of a sweep): a row per angle
+    (baseline first), three columns per dataset."""
+    groups = by_setting(rows)
+    if len(groups) > 1 or groups[0][0]:
+        out = [f"# {title}", ""] if title else []
+        for setting, subset in groups:
+            out.append(_markdown(subset, f"{setting}", level="##").rstrip("\n"))
+            out.append("")
+        return "\n".join(out)
+    return _markdown(rows, title)
+
+
+def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> str:
     ds = datasets(rows)
     by = {(r.dataset, r.mode, r.angle): r for r in rows}
-    out = [f"# {title}", ""] if title else []
+    out = [f"{level} {title}", ""] if title else []
+    sub = level + "#"
     out.append(
         "Refusal rate (substring markers), mean fluency (0-1), mean NLL per token of the "
         "generation under the unsteered model (nats; higher = less coherent) and mean output "
@@ -117,7 +171,7 @@ def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
         + "."
     )
     for mode in modes(rows) or [BASELINE]:
-        out += ["", f"## {mode} mode" if mode != BASELINE else "## baseline only", ""]
+        out += ["", f"{sub} {mode} mode" if mode != BASELINE else f"{sub} baseline only", ""]
         kinds = ("refusal", "fluency", "nll", "tokens")
         header = ["angle"] + [f"{d} {k}" for d in ds for k in kinds]
         out.append("| " + " | ".join(header) + " |")
@@ -174,7 +228,17 @@ def refusal_arcs(
 
 
 def short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
-    """The console summary: per mode and dataset, where it refuses; then a compact angle table."""
+    """The console summary: per mode and dataset, where it refuses; then a compact angle table
+    (one block per plane/window setting of a sweep)."""
+    groups = by_setting(rows)
+    if len(groups) > 1 or groups[0][0]:
+        return "\n\n".join(
+            f"== {setting} ==\n" + _short_text(subset, max_angles) for setting, subset in groups
+        )
+    return _short_text(rows, max_angles)
+
+
+def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
     ds = datasets(rows)
     by = {(r.dataset, r.mode, r.angle): r for r in rows}
     lines: list[str] = []

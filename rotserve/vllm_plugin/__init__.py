@@ -77,4 +77,8 @@ def __getattr__(name: str) -> Any:
         from rotserve.vllm_plugin.tracker import RotServeBatchTracker
 
         return RotServeBatchTracker
+    if name.startswith("RotServeBatchTracker__"):  # the tracker bound to an engine's catalog
+        from rotserve.vllm_plugin.tracker import bound_tracker
+
+        return bound_tracker(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

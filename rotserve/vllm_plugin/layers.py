@@ -9,7 +9,7 @@ decoder layer's forward. Parameter names stay those of the checkpoint (`...layer
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from rotserve.vllm_plugin.state import RotationState
 class RotatedRMSNorm(RMSNorm):
     """RMSNorm followed by the per-token rotation of its normalised output."""
 
-    def __init__(self, like: RMSNorm, rotation: RotationState) -> None:
+    def __init__(self, like: RMSNorm, rotation: RotationState, site: int | None = None) -> None:
         super().__init__(
             like.hidden_size,
             eps=like.variance_epsilon,
@@ -30,8 +30,10 @@ class RotatedRMSNorm(RMSNorm):
             has_weight=like.has_weight,
             dtype=like.weight.dtype,
         )
-        # One RotationState shared by every steered norm: one table write per step.
+        # One RotationState shared by every steered norm: one table write per step. `site`
+        # is this norm's gate column (a Python int, constant to the compiled graph).
         self.rotation = rotation
+        self.site = site
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -39,46 +41,42 @@ class RotatedRMSNorm(RMSNorm):
         # Branching on `residual is None` is fixed per call site (first layer or not), exactly
         # like the stock layers do; nothing here depends on tensor values.
         if residual is None:
-            return self.rotation(super().forward(x))
+            return self.rotation(super().forward(x), self.site)
         normed, residual = super().forward(x, residual)
-        return self.rotation(normed), residual
+        return self.rotation(normed, self.site), residual
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", rotated"
+        return super().extra_repr() + f", rotated (gate {self.site})"
 
 
 def install_rotation(
     layers: Iterable[nn.Module],
     rotation: RotationState,
-    layer_indices: Iterable[int],
-    sites: Iterable[str],
+    steerable: Sequence[tuple[int, str]],
 ) -> list[str]:
-    """Swap the chosen norm modules of the chosen layers for RotatedRMSNorm, in place.
+    """Swap the norm of every steerable (layer, site) for RotatedRMSNorm, in place; the
+    norm's gate column is its position in `steerable` (PlaneCatalog.steerable's order).
 
     `layers` is the model's full layer list (pipeline-parallel placeholders included, they
     are skipped). Returns the steered module names, e.g. "layers.3.input_layernorm".
     """
     layers = list(layers)
-    chosen = set(layer_indices)
-    sites = list(sites)
     steered = []
-    for index, layer in enumerate(layers):
-        if index not in chosen or not _is_decoder_layer(layer):
+    for gate, (index, site) in enumerate(steerable):
+        layer = layers[index]
+        if not _is_decoder_layer(layer):
             continue
-        for site in sites:
-            norm = getattr(layer, site, None)
-            if not isinstance(norm, RMSNorm):
-                available = sorted(
-                    name for name, m in layer.named_children() if isinstance(m, RMSNorm)
-                )
-                raise RotServeConfigError(
-                    f"steering site {site!r} is not an RMSNorm of {type(layer).__name__} "
-                    f"(layer {index}); available norm sites: {', '.join(available)}"
-                )
-            if isinstance(norm, RotatedRMSNorm):
-                continue
-            setattr(layer, site, RotatedRMSNorm(norm, rotation))
-            steered.append(f"layers.{index}.{site}")
+        norm = getattr(layer, site, None)
+        if not isinstance(norm, RMSNorm):
+            available = sorted(name for name, m in layer.named_children() if isinstance(m, RMSNorm))
+            raise RotServeConfigError(
+                f"steering site {site!r} is not an RMSNorm of {type(layer).__name__} "
+                f"(layer {index}); available norm sites: {', '.join(available)}"
+            )
+        if isinstance(norm, RotatedRMSNorm):
+            continue
+        setattr(layer, site, RotatedRMSNorm(norm, rotation, gate))
+        steered.append(f"layers.{index}.{site}")
     return steered
 
 

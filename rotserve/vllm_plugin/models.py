@@ -1,10 +1,10 @@
 """Rotated variants of vLLM's Qwen2, Llama, Mistral and Qwen3 causal LMs.
 
 Each is the stock class plus, after the stock constructor:
-- the plane, loaded from hf_config.rotserve["plane"] and checked against the hidden size
-  (PlaneError before anything runs);
-- one RotationState (basis + per-token table buffers) shared by every steered norm;
-- RotatedRMSNorm swapped in at the chosen sites of the chosen layers;
+- the planes, loaded from hf_config.rotserve ("plane" or "planes") and checked against the
+  hidden size (PlaneError before anything runs), and the PlaneCatalog requests resolve in;
+- one RotationState (bases + per-token table buffers) shared by every steered norm;
+- RotatedRMSNorm swapped in at every steerable (layer, site), each with its gate column;
 - a runner check: V1 needs the RotServeBatchTracker logits processor (claimed here, so a
   missing registration fails the engine start) and no FULL CUDA graphs (they would replay
   without running the table update below); V2 uses RotServeModelState, which must attach
@@ -30,11 +30,15 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.sequence import IntermediateTensors
 
 from rotserve.plane import load_plane
-from rotserve.vllm_plugin.config import EngineSteering, RotServeConfigError
+from rotserve.vllm_plugin.config import (
+    TRACKER_FQCN,
+    EngineSteering,
+    PlaneCatalog,
+    RotServeConfigError,
+)
 from rotserve.vllm_plugin.layers import install_rotation
 from rotserve.vllm_plugin.state import RotationState
 from rotserve.vllm_plugin.tracker import (
-    TRACKER_FQCN,
     RotServeBatchTracker,
     claim_tracker,
     tracker_registered,
@@ -52,18 +56,28 @@ class RotServeCausalLMMixin:
         arch = type(self).__name__
         model_config = vllm_config.model_config
         settings = EngineSteering.from_hf_config(model_config.hf_config, arch)
-        plane = load_plane(settings.plane)
-        plane.check_hidden_size(self.config.hidden_size, model=str(model_config.model))
+        planes = [load_plane(path) for _, path in settings.planes]
+        for plane in planes:
+            plane.check_hidden_size(self.config.hidden_size, model=str(model_config.model))
+        layers = self.model.layers
+        self.rotserve_catalog = PlaneCatalog.build(
+            settings, [p.plane_id for p in planes], len(layers)
+        )
+        # Unused slots stay zero: no request can name them (the catalog has no entry).
+        bases = torch.zeros(settings.slots, 2, self.config.hidden_size)
+        for slot, plane in enumerate(planes):
+            bases[slot] = plane.basis
 
         device = next(self.parameters()).device
         self.rotation = RotationState(
-            plane.basis, vllm_config.scheduler_config.max_num_batched_tokens
+            bases,
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            num_gates=len(self.rotserve_catalog.steerable),
         ).to(device)
-        layers = self.model.layers
-        steered = install_rotation(
-            layers, self.rotation, settings.chosen_layers(len(layers)), settings.sites
-        )
+        steered = install_rotation(layers, self.rotation, self.rotserve_catalog.steerable)
         self._check_runner(vllm_config)
+        if self._rotserve_tracker is not None:  # V1: its rows gain our plane and gate columns
+            self._rotserve_tracker.attach_catalog(self.rotserve_catalog)
         if vllm_config.cache_config.enable_prefix_caching:
             # Block hashes cover tokens, LoRA and cache_salt, not extra_args: without a salt,
             # a request at one angle would reuse KV computed at another.
@@ -73,9 +87,13 @@ class RotServeCausalLMMixin:
                 "extra_body={'cache_salt': ...}) or disable prefix caching"
             )
         logger.info(
-            "rotserve: plane %s (id %s) at %d sites (%s ... %s), runner %s",
-            settings.plane,
-            plane.plane_id,
+            "rotserve: %d plane(s) %s in %d slot(s), steerable at %d sites (%s ... %s), runner %s",
+            len(planes),
+            ", ".join(
+                f"{name}={path} (id {p.plane_id})"
+                for (name, path), p in zip(settings.planes, planes, strict=True)
+            ),
+            settings.slots,
             len(steered),
             steered[0] if steered else "-",
             steered[-1] if steered else "-",

@@ -8,8 +8,9 @@ Three pieces, used by both model runners:
 - token_slots(): which slot each token of the flattened batch belongs to, from the batch's
   query_start_loc (tokens of a request are contiguous, requests in batch order) and the
   batch-position -> slot mapping. Pure tensor ops on the batch's own device: no host sync.
-- RotationState: an nn.Module holding the plane basis [2, H] and the per-token table
-  [max_num_batched_tokens, 5] as buffers. Both are allocated at model construction, before
+- RotationState: an nn.Module holding the K plane bases [K, 2, H] and the per-token table
+  [max_num_batched_tokens, 5 + K + S] as buffers: per token its angle row (5 columns), a
+  one-hot of its plane (K) and a gate per steered norm (S, its layer window and sites). Both are allocated at model construction, before
   torch.compile traces and before any CUDA graph is captured, and are only ever overwritten
   in place, so compiled graphs and captured graphs keep reading the current values.
 """
@@ -19,23 +20,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rotserve.rotation import COS, TABLE_WIDTH, angle_table, rotate
-from rotserve.vllm_plugin.config import RequestSteering
+from rotserve.rotation import COS, TABLE_WIDTH, angle_table, rotate_planes
+from rotserve.vllm_plugin.config import PlaneCatalog, RequestSteering
 
 
-def identity_rows(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """[n, 5] float32 rows that leave a token bit-identical: cos=1, sin=0, active=0."""
-    rows = torch.zeros(n, TABLE_WIDTH, dtype=torch.float32, device=device)
+def row_width(catalog: PlaneCatalog | None) -> int:
+    """Columns of a table row: the angle row, then K plane one-hot, then S gates. No catalog:
+    the bare 5-column angle row (one plane, every installed norm steered)."""
+    if catalog is None:
+        return TABLE_WIDTH
+    return TABLE_WIDTH + catalog.slots + len(catalog.steerable)
+
+
+def identity_rows(
+    n: int, device: torch.device | str | None = None, width: int = TABLE_WIDTH
+) -> torch.Tensor:
+    """[n, width] float32 rows that leave a token bit-identical: cos=1, sin=0, active=0."""
+    rows = torch.zeros(n, width, dtype=torch.float32, device=device)
     rows[:, COS] = 1.0
     return rows
 
 
-def steering_row(steering: RequestSteering) -> torch.Tensor:
-    """[5] float32 row for one request, through rotserve.rotation's own table builder so the
-    numbers are bit-identical to the HF reference generator's."""
+def steering_row(steering: RequestSteering, catalog: PlaneCatalog | None = None) -> torch.Tensor:
+    """One request's row, through rotserve.rotation's own table builder so the angle numbers
+    are bit-identical to the HF reference generator's. With a catalog, the plane one-hot and
+    the gates follow (RequestSteeringError for an unknown plane or unsteerable layer)."""
+    row = identity_rows(1, width=row_width(catalog))[0]
     if steering.angle is None:
-        return identity_rows(1)[0]
-    return angle_table([steering.angle], adaptive=steering.adaptive, relative=steering.relative)[0]
+        return row
+    row[:TABLE_WIDTH] = angle_table(
+        [steering.angle], adaptive=steering.adaptive, relative=steering.relative
+    )[0]
+    if catalog is not None:
+        resolved = catalog.resolve(steering)
+        row[TABLE_WIDTH + resolved.plane] = 1.0
+        gate0 = TABLE_WIDTH + catalog.slots
+        row[gate0 : gate0 + len(resolved.gates)] = torch.tensor(resolved.gates, dtype=torch.float32)
+    return row
 
 
 class RequestRows:
@@ -45,19 +66,24 @@ class RequestRows:
     index (input_batch.idx_mapping maps batch positions to slots).
     """
 
-    def __init__(self, capacity: int, device: torch.device | str) -> None:
+    def __init__(
+        self, capacity: int, device: torch.device | str, catalog: PlaneCatalog | None = None
+    ) -> None:
         self.capacity = capacity
+        self.catalog = catalog
         self.identity_slot = capacity  # the extra, never-written row
-        self.host = identity_rows(capacity + 1)
-        self.device_rows = identity_rows(capacity + 1, device=device)
+        width = row_width(catalog)
+        self.host = identity_rows(capacity + 1, width=width)
+        self.device_rows = identity_rows(capacity + 1, device=device, width=width)
+        self._identity = identity_rows(1, width=width)[0]
         self._dirty = False
 
     def set(self, slot: int, steering: RequestSteering) -> None:
-        self.host[slot] = steering_row(steering)
+        self.host[slot] = steering_row(steering, self.catalog)
         self._dirty = True
 
     def clear(self, slot: int) -> None:
-        self.host[slot] = identity_rows(1)[0]
+        self.host[slot] = self._identity
         self._dirty = True
 
     def move(self, src: int, dst: int, swap: bool) -> None:
@@ -65,12 +91,12 @@ class RequestRows:
             self.host[[src, dst]] = self.host[[dst, src]]
         else:
             self.host[dst] = self.host[src]
-            self.host[src] = identity_rows(1)[0]
+            self.host[src] = self._identity
         self._dirty = True
 
     def clear_from(self, first_slot: int) -> None:
         """Identity for every slot >= first_slot (V1: slots past the batch size are empty)."""
-        self.host[first_slot : self.capacity] = identity_rows(1)
+        self.host[first_slot : self.capacity] = self._identity
         self._dirty = True
 
     def sync(self) -> None:
@@ -121,32 +147,56 @@ def token_slots(
 
 
 class RotationState(nn.Module):
-    """Plane basis and per-token angle table of one model; called at every steered norm.
+    """Plane bases and per-token table of one model; called at every steered norm.
 
-    forward(h) rotates the first h.shape[0] tokens by their rows of the table: the same
+    forward(h, site) rotates the first h.shape[0] tokens by their rows of the table, in their
+    own plane, gated by their request's window at steered norm number `site`: the same
     unconditional tensor math for every token (inactive rows come back bit-identical), so
     the compiled graph never branches on what the batch holds.
+
+    `bases` is [2, H] (one plane) or [K, 2, H]; `num_gates` is the number of steered norms
+    (0: no gate columns, every installed norm steers every active token).
     """
 
-    def __init__(self, basis: torch.Tensor, max_num_tokens: int) -> None:
+    def __init__(self, bases: torch.Tensor, max_num_tokens: int, num_gates: int = 0) -> None:
         super().__init__()
-        if basis.ndim != 2 or basis.shape[0] != 2:
-            raise ValueError(f"basis must be [2, hidden_size], got {tuple(basis.shape)}")
+        if bases.ndim == 2:
+            bases = bases[None]
+        if bases.ndim != 3 or bases.shape[1] != 2:
+            raise ValueError(
+                f"bases must be [2, hidden_size] or [K, 2, hidden_size], got {tuple(bases.shape)}"
+            )
+        self.num_planes = bases.shape[0]
+        self.num_gates = num_gates
+        self.width = TABLE_WIDTH + (self.num_planes + num_gates if num_gates else 0)
         # Non-persistent: not in the checkpoint, so the weight loader neither expects nor
         # overwrites them.
-        self.register_buffer("basis", basis.detach().to(torch.float32).clone(), persistent=False)
-        self.register_buffer("token_table", identity_rows(max_num_tokens), persistent=False)
+        self.register_buffer("bases", bases.detach().to(torch.float32).clone(), persistent=False)
+        self.register_buffer(
+            "token_table", identity_rows(max_num_tokens, width=self.width), persistent=False
+        )
         self.register_buffer("_arange", torch.arange(max_num_tokens), persistent=False)
         self.max_num_tokens = max_num_tokens
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return rotate(h, self.basis, self.token_table[: h.shape[0]])
+    @property
+    def basis(self) -> torch.Tensor:
+        """[2, H] of the first plane (the single-plane engine's basis)."""
+        return self.bases[0]
+
+    def forward(self, h: torch.Tensor, site: int | None = None) -> torch.Tensor:
+        table = self.token_table[: h.shape[0]]
+        if site is None or not self.num_gates:
+            gate = None
+        else:
+            gate = table[:, TABLE_WIDTH + self.num_planes + site]
+        onehot = table[:, TABLE_WIDTH : TABLE_WIDTH + self.num_planes]
+        return rotate_planes(h, self.bases, table, onehot, gate)
 
     @torch.no_grad()
     def set_identity(self, num_tokens: int | None = None) -> None:
         """Dummy, profile and capture runs, and padding: every token passes through."""
         table = self.token_table if num_tokens is None else self.token_table[:num_tokens]
-        table.zero_()
+        table.zero_()  # one-hots and gates too
         table[:, COS] = 1.0
 
     @torch.no_grad()
@@ -167,6 +217,11 @@ class RotationState(nn.Module):
             raise RuntimeError(
                 f"batch of {num_tokens} tokens exceeds the rotation table "
                 f"({self.max_num_tokens} = max_num_batched_tokens)"
+            )
+        if rows.host.shape[1] != self.width:
+            raise RuntimeError(
+                f"request rows have {rows.host.shape[1]} columns but the rotation table has "
+                f"{self.width}: they were built for different planes or steered norms"
             )
         rows.sync()
         device_rows = rows.device_rows

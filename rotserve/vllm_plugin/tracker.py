@@ -35,7 +35,12 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
-from rotserve.vllm_plugin.config import TRACKER_FQCN, RequestSteeringError, parse_request
+from rotserve.vllm_plugin.config import (
+    PlaneCatalog,
+    RequestSteeringError,
+    is_tracker_fqcn,
+    parse_request,
+)
 from rotserve.vllm_plugin.state import RequestRows
 
 if TYPE_CHECKING:
@@ -66,14 +71,32 @@ def tracker_registered(vllm_config: VllmConfig) -> bool:
     listed = list(vllm_config.model_config.logits_processors or ())
     listed += [ep.value for ep in entry_points(group="vllm.logits_processors")]
     return any(
-        p is RotServeBatchTracker
-        or (isinstance(p, str) and p.replace(".tracker:", ":") == TRACKER_FQCN)
+        (isinstance(p, type) and issubclass(p, RotServeBatchTracker))
+        or (isinstance(p, str) and is_tracker_fqcn(p))
         for p in listed
     )
 
 
+_BOUND: dict[str, type[RotServeBatchTracker]] = {}
+
+
+def bound_tracker(class_name: str) -> type[RotServeBatchTracker]:
+    """The tracker class for `RotServeBatchTracker__<catalog>`: the same tracker, whose
+    validate_params also resolves each request against that catalog (so an unknown plane or
+    an unsteerable layer is refused at admission, HTTP 400, in every process)."""
+    cls = _BOUND.get(class_name)
+    if cls is None:
+        catalog = PlaneCatalog.from_tracker_name(class_name)
+        cls = type(class_name, (RotServeBatchTracker,), {"catalog": catalog})
+        cls.__module__ = "rotserve.vllm_plugin"
+        _BOUND[class_name] = cls
+    return cls
+
+
 class RotServeBatchTracker(V1LogitsProcessor, V2LogitsProcessor):
     """Keeps one angle row per V1 batch position; never changes logits."""
+
+    catalog: PlaneCatalog | None = None  # set on the classes bound_tracker makes
 
     def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
         self.vllm_config = vllm_config
@@ -92,7 +115,9 @@ class RotServeBatchTracker(V1LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         try:
-            parse_request(sampling_params.extra_args, plain_types_only=True)
+            steering = parse_request(sampling_params.extra_args, plain_types_only=True)
+            if cls.catalog is not None:
+                cls.catalog.resolve(steering)
         except RequestSteeringError as e:
             raise VLLMValidationError(str(e), parameter="extra_args") from None
 
@@ -100,6 +125,11 @@ class RotServeBatchTracker(V1LogitsProcessor, V2LogitsProcessor):
         return logits  # steering happens inside the model, never on logits
 
     # -- V1 --------------------------------------------------------------------------------
+
+    def attach_catalog(self, catalog: PlaneCatalog) -> None:
+        """Called by the model that claimed this tracker, before any request: rows gain the
+        plane one-hot and gate columns of that model's RotationState."""
+        self.rows = RequestRows(self.rows.capacity, self.rows.device_rows.device, catalog)
 
     def is_argmax_invariant(self) -> bool:
         # True keeps it out of the greedy path entirely (vLLM skips argmax-invariant

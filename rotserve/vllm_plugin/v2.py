@@ -54,7 +54,9 @@ class RotServeModelState(DefaultModelState):
                 f"{type(model).__name__}"
             )
         self.rotation = rotation
-        self.rows = RequestRows(self.max_num_reqs, device)
+        # A model without a catalog (a bare RotationState) gets the plain 5-column rows.
+        catalog = getattr(model, "rotserve_catalog", None)
+        self.rows = RequestRows(self.max_num_reqs, device, catalog=catalog)
         model.attach_runner("v2")
 
     def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
