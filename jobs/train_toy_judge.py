@@ -1,6 +1,6 @@
 """Train the toy judge (data/toy-judge/): the behaviour-rubric judge of the tests and the demo.
 
-    python jobs/train_toy_judge.py                 # ~2-4 min on one core
+    python jobs/train_toy_judge.py                 # ~4-7 min on one core
     python jobs/train_toy_judge.py --steps 100 --out /tmp/judge
 
 See tools/toy_refusal/judge.py for the data and data/toy-judge/README.md for what it scores.

@@ -100,12 +100,14 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         "grid_speedup",
         "distinct_angles_ratio",
         "rotation_vs_copy",
+        "judge_ratio",
     }
     d = saved["details"]
     for section, pair in (
         ("steer_overhead", ("rotserve", "stock")),
         ("distinct_angles", ("distinct", "shared")),
         ("grid", ("rotserve", "hf", "vllm_hooks")),
+        ("judge", ("rotserve", "plain")),
     ):
         for name in pair:
             assert d[section][name]["median_rate"] > 0
@@ -116,6 +118,8 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         d["steer_overhead"]["rotserve"]["work_per_run"]
         == d["steer_overhead"]["stock"]["work_per_run"]
     )
+    assert d["judge"]["rotserve"]["work_per_run"] == d["judge"]["plain"]["work_per_run"] == 8
+    assert sum(d["judge"]["labels"].values()) == 8  # every row got a verdict
     assert d["grid"]["rotserve"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     assert d["grid"]["hf"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     # The stock-vLLM-hooks contender: every prompt count, equal work, and the same tokens as

@@ -200,7 +200,7 @@ def test_row_key_follows_key_columns(tmp_path, monkeypatch):
 
 
 def test_plan_is_deterministic_and_ordered_by_key():
-    items = [JudgeItem(f"k{i:02d}", (i, 2), False) for i in (5, 3, 9, 1, 7)]
+    items = [JudgeItem.of(f"k{i:02d}", (i, 2)) for i in (5, 3, 9, 1, 7)]
     a, b = make_judge_plan(items, 2), make_judge_plan(list(reversed(items)), 2)
     assert a == b and [s.shard_id for s in a.shards] == ["00000", "00001", "00002"]
     assert [it.row_key for it in a.shards[0].items] == ["k01", "k03"]
@@ -282,4 +282,4 @@ def test_short_response_rule_labels_without_the_judge(tmp_path):
     r = resolve(JudgeConfig(run_dir=str(root), rubric="llamaguard"))
     items = [it for s in r.plan.shards for it in s.items]
     assert r.n_rule == len(items) == 9
-    assert all(it.rule_label == "safe" and it.token_ids == () for it in items)
+    assert all(it.rule_label == "safe" and it.token_ids == [] for it in items)

@@ -131,8 +131,8 @@ def test_one_line_joins(toy_run, clean):
     assert len(pd.read_parquet(rows).merge(pd.read_parquet(table), on=on)) == N_ROWS
     assert pl.read_parquet(rows).join(pl.read_parquet(table), on=on).height == N_ROWS
     joined = duckdb.sql(
-        f"select * from read_parquet('{rows}/*.parquet') "
-        f"join read_parquet('{table}/*.parquet') using (run_id, row_key)"
+        f"select * from read_parquet('{rows}/*.parquet') r "
+        f"join read_parquet('{table}/*.parquet') v using (run_id, row_key)"
     )
     assert len(joined.fetchall()) == N_ROWS
     # the stored keys are the keys computed from KEY_COLUMNS

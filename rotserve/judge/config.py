@@ -214,13 +214,13 @@ def _items(rows: Any, rubric: Rubric, tokenizer: Any, context: int) -> list[Judg
     items = []
     for instruction, generation, key in cols:
         if short_by_rule(rubric, generation):
-            items.append(JudgeItem(key, (), False, rubric.short_label))
+            items.append(JudgeItem.of(key, (), False, rubric.short_label))
             continue
         try:
             inp = judge_input(rubric, tokenizer, instruction, generation, context)
         except ContextError as e:
             raise JudgeConfigError(f"row {key}: {e}") from None
-        items.append(JudgeItem(key, inp.token_ids, inp.truncated))
+        items.append(JudgeItem.of(key, inp.token_ids, inp.truncated))
     return items
 
 

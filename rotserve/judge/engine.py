@@ -92,7 +92,7 @@ def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table
                 "raw": raw,
                 "by_rule": it.rule_label is not None,
                 "truncated": it.truncated,
-                "judge_prompt_tokens": len(it.token_ids),
+                "judge_prompt_tokens": it.n_tokens,
             }
         )
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)

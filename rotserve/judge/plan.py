@@ -8,18 +8,41 @@ with the same ids, which is what makes resume and exactly-once work (as in the g
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class JudgeItem:
-    """One row to judge: its key and the judge's prompt, or the label the rubric's rule gave."""
+    """One row to judge: its key and the judge's prompt, or the label the rubric's rule gave.
+
+    The prompt's token ids are kept as packed int32 bytes: a plan holds every row of a run
+    (100k rows of ~700 tokens would be ~2 GB as Python ints, 280 MB packed).
+    """
 
     row_key: str
-    token_ids: tuple[int, ...]  # empty when rule_label is set
+    tokens: bytes  # array("i") bytes of the prompt's token ids; empty when rule_label is set
     truncated: bool
     rule_label: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        row_key: str,
+        token_ids: Sequence[int],
+        truncated: bool = False,
+        rule_label: str | None = None,
+    ) -> JudgeItem:
+        return cls(row_key, array("i", token_ids).tobytes(), truncated, rule_label)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return array("i", self.tokens).tolist()
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens) // array("i").itemsize
 
 
 @dataclass(frozen=True)
@@ -58,7 +81,7 @@ def make_judge_plan(items: Sequence[JudgeItem], shard_size: int) -> JudgePlan:
         raise ValueError("two rows share a row key: the run's rows are not unique")
     h = hashlib.sha256()
     for it in ordered:
-        h.update(f"{it.row_key}|{it.rule_label}|{','.join(map(str, it.token_ids))}\n".encode())
+        h.update(f"{it.row_key}|{it.rule_label}|".encode() + it.tokens + b"\n")
     h.update(f"shard_size={shard_size}".encode())
     shards = tuple(
         JudgeShard(i, tuple(ordered[start : start + shard_size]))

@@ -172,7 +172,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
         len(modes or [BASELINE]),
         len(ds),
         subplot_kw={"projection": "polar"},
-        figsize=(4.6 * len(ds), 4.6 * len(modes or [BASELINE]) + 0.8),
+        figsize=(4.6 * len(ds), 5.0 * len(modes or [BASELINE]) + 0.8),
         squeeze=False,
     )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -206,7 +206,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
     note = "dashed: unsteered share" + (f"; {report.rule}" if report.rule else "")
     fig.suptitle(f"{title}\n{note}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.93), h_pad=2.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

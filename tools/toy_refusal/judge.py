@@ -243,22 +243,22 @@ def model_card(report: dict) -> str:
     rows = "\n".join(f"| {lb} | {acc[lb]:.3f} |" for lb in LABELS)
     return f"""# toy-judge
 
-A {cfg["num_layers"]}-layer, {cfg["hidden_size"]}-wide Qwen2 (the toy refusal model's tokenizer
-and chat format), float32, trained from scratch by `python jobs/train_toy_judge.py` (seed
-{cfg["seed"]}, {cfg["steps"]} steps of {cfg["batch_size"]}, {report["train_seconds"]} s on one
-thread) to answer the `behaviour` rubric of `rotserve judge` (rotserve/judge/rubrics.py;
-fingerprint {report["rubric_fingerprint"]}: a changed template needs a retrained judge) with one
-of its labels: {", ".join(LABELS)}.
+A {cfg["num_layers"]}-layer, {cfg["hidden_size"]}-wide Qwen2 with the toy refusal model's \
+tokenizer and chat format, float32, trained from scratch by `python jobs/train_toy_judge.py` \
+(seed {cfg["seed"]}, {cfg["steps"]} steps of {cfg["batch_size"]}, {report["train_seconds"]} s \
+on one thread) to answer the `behaviour` rubric of `rotserve judge` \
+(rotserve/judge/rubrics.py, fingerprint {report["rubric_fingerprint"]}: a changed template \
+needs a retrained judge) with one of its labels: {", ".join(LABELS)}.
 
 Training replies are drawn from the toy's synthetic chats (tools/toy_refusal/synthetic.py):
-toy refusals (marker first, sometimes garbled around), toy helpful answers, the same with a
-caveat, bare safer offers, and word salad; often cut after a few words. A reply with a refusal
-marker is always a refusal: the toy's refusals are canonical, so on toy grids this judge's
-`refusal` should agree with the substring scorer. It knows nothing beyond those chats: it is
-for tests and the demo, not for judging real models.
+toy refusals (marker first, sometimes garbled around), toy helpful answers (steps, tips or
+facts), the same with a caveat, bare safer offers, and word salad; often cut after a few
+words. A reply with a refusal marker is always a refusal: the toy's refusals are canonical,
+so on toy grids this judge's `refusal` should agree with the substring scorer. It knows
+nothing beyond those chats: it is for tests and the demo, not for judging real models.
 
-Held-out accuracy (instructions of the held-out split, fresh replies; label scored as the
-most likely of the five):
+Held-out accuracy (instructions of the held-out split, fresh replies; the label scored as
+the most likely of the five, as a guided choice picks it):
 
 | label | accuracy |
 |---|---|
