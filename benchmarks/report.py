@@ -540,7 +540,13 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
         out += [
             "",
             f"Per-round ratios: {', '.join(f'{x:.3f}' for x in ju['paired_ratios'])}; "
-            f"verdicts {ju['labels']}." + _noise_line(ju),
+            f"verdicts {ju['labels']}; the labels given are "
+            f"{', '.join(f'{k} {v}' for k, v in ju.get('label_tokens', {}).items())} tokens "
+            "long in the judge's vocabulary, and a guided choice decodes each of them plus the "
+            "EOS where the plain contender decodes one token: on a 2-layer judge those decode "
+            "steps, not the prefill, set the time: the worst case for the ratio (a real judge "
+            "answers a token or two after a prefill of hundreds of tokens on a 8-13B model)."
+            + _noise_line(ju),
         ]
     return out
 

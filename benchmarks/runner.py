@@ -494,6 +494,7 @@ def run_judge_bench(ctx: Context) -> None:
             max_retries=s.judge_rounds,
         )
         labels = judge_shard(engine, shard, vctx).column("label").to_pylist()
+        label_tokens = {lb: len(tok(lb, add_special_tokens=False)["input_ids"]) for lb in labels}
     finally:
         engine.close()
     lengths = [it.n_tokens for it in items]
@@ -505,6 +506,9 @@ def run_judge_bench(ctx: Context) -> None:
         "prompt_tokens_min": min(lengths),
         "prompt_tokens_max": max(lengths),
         "labels": {lb: labels.count(lb) for lb in sorted(set(labels))},
+        # A guided choice decodes every token of its label, then the EOS: the plain contender
+        # decodes one token. On a tiny judge those decode steps, not the prefill, set the time.
+        "label_tokens": label_tokens,
         **_summarise(rounds, "rotserve", "plain"),
     }
 
