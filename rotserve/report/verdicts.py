@@ -206,7 +206,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
     note = "dashed: unsteered share" + (f"; {report.rule}" if report.rule else "")
     fig.suptitle(f"{title}\n{note}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.93), h_pad=2.5)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.93), h_pad=4.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
