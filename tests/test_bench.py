@@ -79,7 +79,7 @@ def test_partial_run_replaces_only_its_sections() -> None:
     assert merged.count("hand-written") == 1 and merged.index("## 1.") < merged.index("## 2.")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)  # the judge section adds an engine start (~20 s)
 def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text(f"# old\n\n{BEGIN}\nkeep this analysis\n{END}\n")

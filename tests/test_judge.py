@@ -283,3 +283,12 @@ def test_short_response_rule_labels_without_the_judge(tmp_path):
     items = [it for s in r.plan.shards for it in s.items]
     assert r.n_rule == len(items) == 9
     assert all(it.rule_label == "safe" and it.token_ids == [] for it in items)
+
+
+def test_grid_overwrite_deletes_the_verdicts_of_the_rows_it_replaces(tmp_path):
+    root = write_run(tmp_path / "run")
+    (root / "verdicts" / "j.behaviour").mkdir(parents=True)
+    (root / "verdicts" / "j.behaviour.json").write_text("{}")
+    store, state = RunStore.open(root, "another-run", overwrite=True)
+    store.close()
+    assert state == "overwrite" and not (root / "verdicts").exists()
