@@ -3,7 +3,7 @@ key, the plan, and every bad input refused before Ray or vLLM start.
 
 No engine here: a run directory is written with the grid's own store and row builder from
 stand-in completions (as tests/test_grid_store.py does), and the judge's tokenizer is the
-shipped toy judge's. About 5 s in all.
+shipped toy judge's. About 10 s in all.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
             f"--max-model-len {context} is more than the judge's {max_positions} positions"
         )
     log(f"judge: building {rows.num_rows} prompts for {judge_slug(judge)} ({rubric.name})")
-    items = _items(rows, rubric, tokenizer, context)
+    items = _items(rows, rubric, tokenizer, context, config.progress)
     name = config.name or f"{judge_slug(judge)}.{rubric.name}"
     if not re.fullmatch(r"[\w][\w.-]*", name):
         raise JudgeConfigError(f"--name {name!r}: letters, digits, '.', '-' and '_' only")
@@ -203,7 +203,11 @@ def _load_judge(judge: str, revision: str | None) -> tuple[Any, int | None]:
     return tokenizer, getattr(text_cfg, "max_position_embeddings", None)
 
 
-def _items(rows: Any, rubric: Rubric, tokenizer: Any, context: int) -> list[JudgeItem]:
+def _items(
+    rows: Any, rubric: Rubric, tokenizer: Any, context: int, progress: bool = False
+) -> list[JudgeItem]:
+    from tqdm import tqdm
+
     keys = row_keys(rows)
     cols = zip(
         rows.column("instruction").to_pylist(),
@@ -212,7 +216,16 @@ def _items(rows: Any, rubric: Rubric, tokenizer: Any, context: int) -> list[Judg
         strict=True,
     )
     items = []
-    for instruction, generation, key in cols:
+    # ~1 ms a row (chat template + tokenizer): a bar for runs large enough to wait on
+    bar = tqdm(
+        cols,
+        total=rows.num_rows,
+        desc="judge prompts",
+        unit="row",
+        disable=not progress or rows.num_rows < 5000,
+        file=sys.stderr,
+    )
+    for instruction, generation, key in bar:
         if short_by_rule(rubric, generation):
             items.append(JudgeItem.of(key, (), False, rubric.short_label))
             continue
