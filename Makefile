@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
+# The grid, then the toy judge (behaviour rubric), then the report: its last lines name the
+# behaviour circle, runs/grid-<id>/report/verdicts_toy-judge.behaviour_polar.png.
 demo: install
-	$(PY) jobs/grid.py --angles 72
+	$(PY) jobs/grid.py --angles 72 --judge data/toy-judge
 
 lint: install
 	$(VENV)/bin/ruff check .

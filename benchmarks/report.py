@@ -22,6 +22,7 @@ SECTION_TITLES = {  # in the order the runner runs them
     "distinct": "## 3. Distinct angles do not cost",
     "grid": "## 2. Grid throughput",
     "coherence": "## 6. Coherence and the start-up canary",
+    "judge": "## 7. Judging a grid",
 }
 SECTION_METRICS = {
     "steer": ("steer_overhead_ratio",),
@@ -30,6 +31,7 @@ SECTION_METRICS = {
     "rotation": ("rotation_vs_copy",),
     "extract": ("extract_prompts_per_s",),
     "coherence": ("coherence_throughput_ratio", "canary_s"),
+    "judge": ("judge_ratio",),
 }
 DEFAULT_INTERPRETATION = (
     "_No interpretation written yet. Write it between the markers; `python jobs/bench.py` "
@@ -166,6 +168,20 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "-",
         )
     )
+    ju = d.get("judge")
+    if ju:
+        rows.append(
+            (
+                "`judge_ratio`",
+                f"{ju['rows']} rows judged through rotserve (guided choice, verdict table) / one "
+                "plain vLLM generate of the same prompts, one token each, same engine "
+                f"({_f(ju['rotserve']['median_rate'], '.1f')} vs "
+                f"{_f(ju['plain']['median_rate'], '.1f')} rows/s)",
+                _f(doc.get("judge_ratio"), ".3f"),
+                ">= 0.8",
+                met("judge_ratio"),
+            )
+        )
     return rows
 
 
@@ -545,6 +561,38 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
                 f"({r['prompts_per_s']:.2f} prompts/s), peak RSS "
                 f"{r['peak_rss_bytes'] / 2**30:.2f} GiB.",
             ]
+    ju = d.get("judge")
+    if ju:
+        out += [
+            "",
+            "## 7. Judging a grid",
+            "",
+            *_partial_lines(doc, "judge"),
+            f"{ju['rows']} rows (judge prompts of {ju['prompt_tokens_min']}-"
+            f"{ju['prompt_tokens_max']} tokens) on one engine of {ju['judge']}, prefix caching "
+            f"off, {ju['rounds']} rounds: rotserve's judge shard (guided choice over the "
+            f"{ju['rubric']} labels, verdicts as an Arrow table) vs a plain `llm.generate` of "
+            "the same prompt token ids, one greedy token each. Rows/s:",
+            "",
+            "| contender | median rows/s | min | max |",
+            "|---|---|---|---|",
+        ]
+        for name in ("plain", "rotserve"):
+            r = ju[name]
+            out.append(
+                f"| {name} | {r['median_rate']:.1f} | {r['min_rate']:.1f} | {r['max_rate']:.1f} |"
+            )
+        out += [
+            "",
+            f"Per-round ratios: {', '.join(f'{x:.3f}' for x in ju['paired_ratios'])}; "
+            f"verdicts {ju['labels']}; the labels given are "
+            f"{', '.join(f'{k} {v}' for k, v in ju.get('label_tokens', {}).items())} tokens "
+            "long in the judge's vocabulary, and a guided choice decodes each of them plus the "
+            "EOS where the plain contender decodes one token: on a 2-layer judge those decode "
+            "steps, not the prefill, set the time: the worst case for the ratio (a real judge "
+            "answers a token or two after a prefill of hundreds of tokens on a 8-13B model)."
+            + _noise_line(ju),
+        ]
     return out
 
 

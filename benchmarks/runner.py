@@ -33,6 +33,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "distinct_angles_ratio": (">=", 0.98),
     "rotation_vs_copy": ("<=", 2.0),
     "canary_s": ("<=", 2.0),
+    "judge_ratio": (">=", 0.8),
 }
 # A round during which other processes used more than this many cores is run again.
 MAX_EXTERNAL_CORES = 0.3
@@ -46,6 +47,7 @@ TOP_LEVEL = (
     "extract_prompts_per_s",
     "coherence_throughput_ratio",
     "canary_s",
+    "judge_ratio",
     "device",
 )
 
@@ -110,6 +112,10 @@ class BenchSettings:
     # The first is the headline (the CLI default, float32); bfloat16 shows what AVX512-BF16 buys.
     extract_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     canary_runs: int = 5
+    # Judging: rows through rotserve's judge (prompt build excluded, guided choice, verdict
+    # table) vs one plain generate of the same prompts, one token each, on the same engine.
+    judge_rows: int = 512
+    judge_rounds: int = 5
     sections: tuple[str, ...] = SECTIONS
 
     @classmethod
@@ -135,6 +141,8 @@ class BenchSettings:
             rotation_in_graph_tokens=(64,),
             extract_limit=16,
             extract_dtypes=("float32",),
+            judge_rows=256,
+            judge_rounds=3,
         )
 
     @classmethod
@@ -170,6 +178,8 @@ class BenchSettings:
             extract_limit=4,
             extract_batch_size=8,
             extract_dtypes=("float32",),
+            judge_rows=8,
+            judge_rounds=1,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -482,6 +492,80 @@ def run_coherence(ctx: Context, engines: dict[str, Any]) -> None:
     }
 
 
+def run_judge_bench(ctx: Context) -> None:
+    """rotserve's judge vs plain vLLM on ONE engine (the shipped toy judge, prefix caching off).
+
+    Contender `rotserve`: one shard of N rows through rotserve.judge.engine.judge_shard, the
+    path a judge actor runs (guided choice over the behaviour labels, verdict rows as an Arrow
+    table). Contender `plain`: llm.generate of the same prompt token ids, greedy, max_tokens 1.
+    Both count rows; the prompts are built once, outside the timing (the driver does that
+    before any engine starts).
+    """
+    from vllm import SamplingParams
+
+    from rotserve.grid.runner import EngineSpec
+    from rotserve.judge.engine import JudgeEngine, VerdictContext, judge_shard
+    from rotserve.judge.plan import JudgeItem, make_judge_plan
+    from rotserve.judge.prompts import judge_input
+    from rotserve.judge.rubrics import BEHAVIOUR
+    from rotserve.paths import toy_judge_dir
+
+    s = ctx.settings
+    n = s.judge_rows
+    ctx.log(f"judge: {n} rows, rotserve judge vs plain generate (1 token) on one engine")
+    kwargs = {"max_model_len": 512, "enable_prefix_caching": False, "seed": 0}
+    if s.enforce_eager:
+        kwargs["enforce_eager"] = True
+    engine = JudgeEngine(EngineSpec(model=str(toy_judge_dir()), dtype=s.dtype, llm_kwargs=kwargs))
+    try:
+        tok = engine.llm.get_tokenizer()
+        replies = ("I'm sorry, but I cannot help with that.", "Sure! Here are three tips. 1. Plan.")
+        items = [
+            JudgeItem.of(
+                f"{i:06d}", judge_input(BEHAVIOUR, tok, instr, replies[i % 2], 512).token_ids
+            )
+            for i, instr in enumerate(_instructions(n))
+        ]
+        shard = make_judge_plan(items, n).shards[0]
+        vctx = VerdictContext("bench", "toy-judge", BEHAVIOUR.name, BEHAVIOUR.labels)
+        plain = SamplingParams(temperature=0.0, max_tokens=1)
+        prompts = [{"prompt_token_ids": list(it.token_ids)} for it in shard.items]
+
+        def run_plain() -> float:
+            return float(len(engine.llm.generate(prompts, plain, use_tqdm=False)))
+
+        rounds = alternate(
+            {
+                "rotserve": lambda: float(judge_shard(engine, shard, vctx).num_rows),
+                "plain": run_plain,
+            },
+            s.judge_rounds,
+            s.warmup,
+            _round_logger(ctx, "judge"),
+            settle_s=s.settle_s,
+            max_external=MAX_EXTERNAL_CORES,
+            max_retries=s.judge_rounds,
+        )
+        labels = judge_shard(engine, shard, vctx).column("label").to_pylist()
+        label_tokens = {lb: len(tok(lb, add_special_tokens=False)["input_ids"]) for lb in labels}
+    finally:
+        engine.close()
+    lengths = [it.n_tokens for it in items]
+    ctx.details["judge"] = {
+        "rows": n,
+        "rounds": s.judge_rounds,
+        "judge": "data/toy-judge",
+        "rubric": BEHAVIOUR.name,
+        "prompt_tokens_min": min(lengths),
+        "prompt_tokens_max": max(lengths),
+        "labels": {lb: labels.count(lb) for lb in sorted(set(labels))},
+        # A guided choice decodes every token of its label, then the EOS: the plain contender
+        # decodes one token. On a tiny judge those decode steps, not the prefill, set the time.
+        "label_tokens": label_tokens,
+        **_summarise(rounds, "rotserve", "plain"),
+    }
+
+
 def _grid_requests(instr: list[str], angles: list[float]) -> tuple[list[str], list[float]]:
     """Every (prompt, angle) pair of a grid as one request, angle-major."""
     return [t for _ in angles for t in instr], [a for a in angles for _ in instr]
@@ -777,8 +861,9 @@ def run_bench(
     mach = machine()
     sections = set(settings.sections)
     _log(f"{device_label(mach)}; load average {ctx.load['start']}")
-    for shape in {settings.model, settings.grid_model}:
-        model_dir(shape, root)  # build once, before anything is timed
+    if sections - {"judge"}:  # the judge section runs the shipped toy judge
+        for shape in {settings.model, settings.grid_model}:
+            model_dir(shape, root)  # build once, before anything is timed
 
     if "rotation" in sections:
         run_rotation(ctx)
@@ -795,6 +880,8 @@ def run_bench(
                 run_distinct(ctx, engines)
             if "coherence" in sections:
                 run_coherence(ctx, engines)
+        if "judge" in sections:
+            run_judge_bench(ctx)
         if "grid" in sections:
             if settings.grid_model != settings.model or "rotserve" not in engines:
                 for e in engines.values():
@@ -818,6 +905,7 @@ def run_bench(
         "extract_prompts_per_s": d.get("extract", {}).get("prompts_per_s"),
         "coherence_throughput_ratio": d.get("coherence", {}).get("ratio"),
         "canary_s": d.get("coherence", {}).get("canary_s"),
+        "judge_ratio": d.get("judge", {}).get("ratio"),
         "device": device_label(mach),
     }
     doc.update(

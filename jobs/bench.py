@@ -4,6 +4,7 @@ coherence and the start-up canary.
     python jobs/bench.py            # full run (~30 min on 2 CPU cores)
     python jobs/bench.py --quick    # smaller sizes (~12 min once vLLM's compile cache is warm)
     python jobs/bench.py --quick --only grid --markdown BENCHMARKS.md   # re-measure one section
+    python jobs/bench.py --quick --only judge     # the judge row alone (~1 min)
 
 Writes OUT/bench.json and OUT/bench.md (OUT defaults to bench/) and regenerates BENCHMARKS.md
 at the repository root, keeping its hand-written interpretation section. The benchmark code

@@ -14,6 +14,7 @@ from pathlib import Path
 DATA_DIR_ENV = "ROTSERVE_DATA_DIR"
 PLANE_FILENAME = "plane.safetensors"  # the plane a model directory ships, used when none is given
 TOY_MODEL_NAME = "toy-refusal"
+TOY_JUDGE_NAME = "toy-judge"
 PROMPT_SETS = ("harmful", "harmless")
 
 
@@ -26,6 +27,11 @@ def data_dir() -> Path:
 def toy_model_dir() -> Path:
     """The embedded toy refusal model (a 4-layer Qwen2), the default model of every command."""
     return data_dir() / TOY_MODEL_NAME
+
+
+def toy_judge_dir() -> Path:
+    """The embedded toy judge (a 2-layer Qwen2 trained on the `behaviour` rubric)."""
+    return data_dir() / TOY_JUDGE_NAME
 
 
 def toy_plane() -> Path:

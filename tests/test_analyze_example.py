@@ -4,11 +4,10 @@ import importlib.util
 import math
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rotserve.rundir import SCHEMA
+from rotserve.rundir import to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("duckdb")
@@ -44,12 +43,8 @@ def test_it_reproduces_the_rates_and_picks_examples_per_region(tmp_path):
                 row("harmful", pid, angle, refused, "I cannot." if refused else f"Sure {angle}")
             )
     (tmp_path / "rows").mkdir()
-    pq.write_table(
-        pa.Table.from_pylist(rows[:5], schema=SCHEMA), tmp_path / "rows" / "part-00000.parquet"
-    )
-    pq.write_table(
-        pa.Table.from_pylist(rows[5:], schema=SCHEMA), tmp_path / "rows" / "part-00001.parquet"
-    )
+    pq.write_table(to_table(rows[:5]), tmp_path / "rows" / "part-00000.parquet")
+    pq.write_table(to_table(rows[5:]), tmp_path / "rows" / "part-00001.parquet")
 
     example = load_example()
     summary = example.refusal_by_angle(tmp_path / "rows")

@@ -79,7 +79,7 @@ def test_partial_run_replaces_only_its_sections() -> None:
     assert merged.count("hand-written") == 1 and merged.index("## 1.") < merged.index("## 2.")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)  # the judge section adds an engine start (~20 s)
 def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text(f"# old\n\n{BEGIN}\nkeep this analysis\n{END}\n")
@@ -101,6 +101,7 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         "distinct_angles_ratio",
         "rotation_vs_copy",
         "canary_s",
+        "judge_ratio",
     }
     d = saved["details"]
     for section, pair in (
@@ -108,6 +109,7 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         ("distinct_angles", ("distinct", "shared")),
         ("grid", ("rotserve", "hf", "vllm_hooks")),
         ("coherence", ("with_coherence", "generation")),
+        ("judge", ("rotserve", "plain")),
     ):
         for name in pair:
             assert d[section][name]["median_rate"] > 0
@@ -118,6 +120,8 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         d["steer_overhead"]["rotserve"]["work_per_run"]
         == d["steer_overhead"]["stock"]["work_per_run"]
     )
+    assert d["judge"]["rotserve"]["work_per_run"] == d["judge"]["plain"]["work_per_run"] == 8
+    assert sum(d["judge"]["labels"].values()) == 8  # every row got a verdict
     assert d["grid"]["rotserve"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     co = d["coherence"]
     assert co["with_coherence"]["work_per_run"] == co["generation"]["work_per_run"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from run_checks import KILLED_CLI, expect_unique_keys
+from run_checks import expect_unique_keys, run_killed_job
 
 from rotserve.engine import Completion
 from rotserve.grid import GridConfig, RunResult, read_rows, run_grid
@@ -299,18 +298,10 @@ KILL_AFTER_PARTS = 5
 def test_job_killed_then_rerun_resumes_to_the_same_table(clean_run, grid_inputs, tmp_path):
     out = tmp_path / "killed-job"
     args = cli_args(grid_inputs, out)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "KILL_AFTER_PARTS": str(KILL_AFTER_PARTS)}
-    # Own session, so the group it kills is its own and not pytest's.
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_CLI, *args],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    # SIGKILL to its whole process group right after the k-th part is published.
+    run_killed_job(
+        "rotserve.grid.store:RunStore", "rotserve.grid.cli", args, KILL_AFTER_PARTS, ROOT, 400
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     parts = sorted((out / "rows").glob("*"))
     assert len(parts) == KILL_AFTER_PARTS
     for p in parts:  # what a killed job leaves is only complete part files
@@ -319,6 +310,7 @@ def test_job_killed_then_rerun_resumes_to_the_same_table(clean_run, grid_inputs,
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
 
     cmd = [sys.executable, str(ROOT / "jobs" / "grid.py"), *args]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{len(parts)} of {N_SHARDS} shards already on disk" in rerun.stderr

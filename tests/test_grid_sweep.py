@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from run_checks import KILLED_CLI, expect_unique_keys
+from run_checks import expect_unique_keys, run_killed_job
 
 from rotserve.grid import read_rows, run_grid
 from rotserve.rundir import KEY_COLUMNS, SCHEMA
@@ -114,18 +113,9 @@ def test_every_plane_window_angle_prompt_once_and_each_plane_acts_as_itself(clea
 def test_killed_sweep_resumes_to_the_clean_table(clean, inputs, tmp_path):
     out = tmp_path / "killed"
     args = cli_args(inputs, out)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "KILL_AFTER_PARTS": "2"}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_CLI, *args],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_killed_job("rotserve.grid.store:RunStore", "rotserve.grid.cli", args, 2, ROOT, 400)
     assert len(list((out / "rows").glob("part-*.parquet"))) == 2
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     rerun = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "grid.py"), *args],
         cwd=ROOT,

@@ -237,8 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--no-report", dest="report", action="store_false", help="skip the summary and plot"
     )
+    o.add_argument(
+        "--judge",
+        default=None,
+        metavar="MODEL",
+        help="after the grid, judge every row with this judge model (as `rotserve judge`, with "
+        "this command's --dtype, --enforce-eager and where-to-run flags) before the report "
+        "(default: no judge; the shipped toy judge is data/toy-judge)",
+    )
+    o.add_argument(
+        "--rubric",
+        default="behaviour",
+        help="the judge's rubric with --judge: behaviour, harmbench, llamaguard or a rubric file",
+    )
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    add_execution_args(p, d.cpus_per_engine, d.max_engine_failures)
+    return p
+
+
+def add_execution_args(
+    p: argparse.ArgumentParser, cpus_per_engine: int, max_engine_failures: int
+) -> None:
+    """The "where to run" options, shared by every fan-out command (grid, judge)."""
     r = p.add_argument_group("where to run")
     r.add_argument(
         "--engines",
@@ -256,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--cpus-per-engine",
         type=_positive("--cpus-per-engine"),
-        default=d.cpus_per_engine,
+        default=cpus_per_engine,
         help="cores per CPU engine (pinned with VLLM_CPU_OMP_THREADS_BIND)",
     )
     r.add_argument(
@@ -273,11 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--max-engine-failures",
         type=_non_negative("--max-engine-failures"),
-        default=d.max_engine_failures,
+        default=max_engine_failures,
         help="engine (actor) deaths to survive by re-queueing their shards on a fresh engine",
     )
     r.add_argument("--verbose", action="store_true", help="show Ray and vLLM logs")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> GridConfig:
@@ -307,14 +327,8 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         shard_size=args.shard_size,
         out=args.out,
         overwrite=args.overwrite,
-        engines=args.engines,
-        gpus_per_engine=args.gpus_per_engine,
-        cpus_per_engine=args.cpus_per_engine,
-        tensor_parallel_size=args.tensor_parallel_size,
-        ray_address=args.ray_address,
-        max_engine_failures=args.max_engine_failures,
         progress=args.progress,
-        verbose=args.verbose,
+        **execution_kwargs(args),
     )
 
 
@@ -334,33 +348,86 @@ def _plane_fields(values: list[str] | None) -> dict[str, Any]:
     return {"plane": None, "planes": tuple(planes.items())}
 
 
+EXECUTION_FIELDS = (
+    "engines",
+    "gpus_per_engine",
+    "cpus_per_engine",
+    "tensor_parallel_size",
+    "ray_address",
+    "max_engine_failures",
+    "verbose",
+)
+
+
+def execution_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The add_execution_args options, as config fields of the same names."""
+    return {name: getattr(args, name) for name in EXECUTION_FIELDS}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the grid, then (unless --no-report) the report on its run directory."""
-    from rotserve.grid import GridRunError, run_grid
+    from rotserve.grid import run_grid
 
     raw = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw)
     config = config_from_args(args)
-    try:
-        result = run_grid(config, argv=["grid", *raw])
-    except (GridConfigError, RunDirError) as e:
-        print(f"grid: error: {e}", file=sys.stderr)
-        return 2
-    except GridRunError as e:
-        print(
-            f"grid: failed: {e}\nfinished shards are kept; rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        print("\ngrid: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    result, code = run_guarded("grid", lambda: run_grid(config, argv=["grid", *raw]))
+    if code:
+        return code
+    if args.judge:
+        code = _judge(args, result.run_dir)
+        if code:
+            return code
     report = None
     if args.report:
         from rotserve.report import make_report
 
         report = make_report(result.run_dir)
     print(summary_text(result, report))
+    return 0
+
+
+def run_guarded(
+    name: str, job: Callable[[], Any], config_errors: tuple[type[Exception], ...] = ()
+) -> tuple[Any, int]:
+    """(result, 0), or (None, exit status) with one line on stderr: 2 for a bad request, 1 for
+    a failed run (finished parts kept), 130 for Ctrl-C. Shared by the fan-out commands."""
+    from rotserve.grid.runner import GridRunError
+
+    try:
+        return job(), 0
+    except (GridConfigError, RunDirError, *config_errors) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return None, 2
+    except GridRunError as e:
+        print(
+            f"{name}: failed: {e}\nfinished parts are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return None, 1
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return None, 130
+
+
+def _judge(args: argparse.Namespace, run_dir: Any) -> int:
+    """`--judge`: the judge job on the finished run, with this command's engine flags."""
+    from rotserve.judge import JudgeConfig, JudgeConfigError, run_judge
+
+    config = JudgeConfig(
+        run_dir=str(run_dir),
+        judge=args.judge,
+        rubric=args.rubric,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        progress=args.progress,
+        **execution_kwargs(args),
+    )
+    verdicts, code = run_guarded("grid: judge", lambda: run_judge(config), (JudgeConfigError,))
+    if code:
+        return code
+    counts = ", ".join(f"{k} {v}" for k, v in verdicts.label_counts.items())
+    print(f"verdicts {verdicts.name}: {counts} -> {verdicts.table_dir}", file=sys.stderr)
     return 0
 
 
@@ -385,6 +452,7 @@ def summary_text(result: RunResult, report: Report | None = None) -> str:
         lines += [
             f"  summary   {rep.csv_path}  {rep.markdown_path}",
             f"  plot      {rep.plot_path}",
+            *(f"  judged    {path}" for path in rep.verdict_plots),
             "",
             rep.short_text(),
         ]

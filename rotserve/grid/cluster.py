@@ -6,10 +6,33 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from rotserve.grid.config import GridConfig, GridConfigError
-from rotserve.grid.runner import GridRunError, root_cause
+from rotserve.grid.config import GridConfigError
+from rotserve.grid.runner import EngineSpec, GridRunError, root_cause
+
+
+class ExecOptions(Protocol):
+    """The execution flags a fan-out reads: GridConfig has them, so does the judge's config."""
+
+    @property
+    def ray_address(self) -> str | None: ...
+    @property
+    def verbose(self) -> bool: ...
+    @property
+    def engines(self) -> int | None: ...
+    @property
+    def gpus_per_engine(self) -> int | None: ...
+    @property
+    def cpus_per_engine(self) -> int: ...
+    @property
+    def tensor_parallel_size(self) -> int | None: ...
+    @property
+    def enforce_eager(self) -> bool: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def revision(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -30,7 +53,7 @@ class Placement:
         return f"CPU, {self.cpus_per_engine} core(s) each"
 
 
-def connect_ray(c: GridConfig) -> bool:
+def connect_ray(c: ExecOptions) -> bool:
     """Join the given cluster, or start a local one; True if this call started Ray."""
     import ray
 
@@ -54,7 +77,7 @@ def connect_ray(c: GridConfig) -> bool:
     return True
 
 
-def place_engines(c: GridConfig, n_pending: int) -> Placement:
+def place_engines(c: ExecOptions, n_pending: int) -> Placement:
     """Fit the requested engines to the connected cluster's GPUs or CPUs, or say why not."""
     import ray
 
@@ -89,6 +112,28 @@ def place_engines(c: GridConfig, n_pending: int) -> Placement:
             f"--engines {engines} does not fit the Ray cluster ({unit}: at most {capacity})"
         )
     return Placement(use_gpu, gpe, min(engines, n_pending), tp, c.cpus_per_engine)
+
+
+def engine_spec(c: ExecOptions, where: Placement, model: str, **fields: Any) -> EngineSpec:
+    """The EngineSpec of every engine of a fan-out, from its flags and placement; `fields`
+    adds the job's own (the grid's plane; `llm_kwargs` merged over the placement's)."""
+    env = {**({} if c.verbose else {"VLLM_LOGGING_LEVEL": "WARNING"}), **engine_env(where.use_gpu)}
+    kwargs = {
+        **engine_kwargs(where.use_gpu),
+        **({"enforce_eager": True} if c.enforce_eager else {}),
+        **fields.pop("llm_kwargs", {}),
+    }
+    return EngineSpec(
+        model=model,
+        dtype=c.dtype,
+        revision=c.revision,
+        tensor_parallel_size=where.tensor_parallel_size,
+        use_gpu=where.use_gpu,
+        cpus_per_engine=c.cpus_per_engine,
+        env=env,
+        llm_kwargs=kwargs,
+        **fields,
+    )
 
 
 def engine_env(use_gpu: bool) -> dict[str, str]:

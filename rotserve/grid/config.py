@@ -280,7 +280,7 @@ def resolve(config: GridConfig) -> ResolvedGrid:
     angles = normalize_angles(config.angles) if config.angles else ()
     if not angles and not config.baseline:
         raise GridConfigError("nothing to generate: no angles and --no-baseline")
-    model, is_local = _resolve_model(config.model)
+    model, is_local = resolve_model(config.model)
     steering = _prepare_steering(model, config, is_local)
     if is_local:
         _check_weights_dir(Path(model))
@@ -388,29 +388,27 @@ def _is_hub_id(model: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) is not None and not model.startswith(".")
 
 
-def _resolve_model(model: str) -> tuple[str, bool]:
+def resolve_model(model: str, flag: str = "--model") -> tuple[str, bool]:
     """(absolute directory, True) for a local model, (hub id, False) for `org/name`."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise GridConfigError(
-                f"--model {model}: the directory has no config.json; is it a HF model?"
+                f"{flag} {model}: the directory has no config.json; is it a HF model?"
             )
         return str(path.resolve()), True
     if path.exists():
         raise GridConfigError(
-            f"--model {model}: not a directory (give a HF model directory or hub id)"
+            f"{flag} {model}: not a directory (give a HF model directory or hub id)"
         )
     if not _is_hub_id(model):
         if Path(model).resolve() == toy_model_dir().resolve():
             raise GridConfigError(
                 f"the default toy model is missing at {toy_model_dir()}; point {DATA_DIR_ENV} "
                 "at a folder holding rotserve's data/ (the repository's data/ folder), or pass "
-                "--model"
+                f"{flag}"
             )
-        raise GridConfigError(
-            f"--model {model}: no such directory (and not a hub id like org/name)"
-        )
+        raise GridConfigError(f"{flag} {model}: no such directory (and not a hub id like org/name)")
     return model, False
 
 

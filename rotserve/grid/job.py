@@ -14,22 +14,32 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from rotserve.grid.cluster import connect_ray, engine_env, engine_kwargs, place_engines
+from rotserve.grid.cluster import (
+    ExecOptions,
+    Placement,
+    connect_ray,
+    engine_spec,
+    place_engines,
+)
 from rotserve.grid.config import GridConfig, ResolvedGrid, resolve
 from rotserve.grid.manifest import build_manifest, now
 from rotserve.grid.plan import GridPlan, conditions, make_plan
 from rotserve.grid.result import RunResult, throughput
 from rotserve.grid.runner import (
     EngineFactory,
-    EngineSpec,
     FanOut,
     FanOutStats,
     GridRunError,
+    GridWork,
+    PartWriter,
     RowContext,
+    ShardWork,
 )
-from rotserve.grid.store import RunStore
+from rotserve.grid.store import PartStore, RunStore
 
 
 def run_grid(
@@ -40,80 +50,118 @@ def run_grid(
 ) -> RunResult:
     """Run (or resume) a grid. Raises GridConfigError (or RunDirError) before anything starts."""
     t0 = time.perf_counter()
-    log = _log
     resolved = resolve(config)  # every input checked; no Ray, no vLLM yet
     plan = plan_grid(resolved)
     store, state = RunStore.open(resolved.out, resolved.run_id, config.overwrite)
     try:
         timings = {"resolve_s": time.perf_counter() - t0}
-        done = store.finished_shards(plan)
-        pending = [s.shard_id for s in plan.shards if s.shard_id not in done]
         manifest = build_manifest(resolved, plan, store.root, store.read_manifest(), argv)
-        attempt: dict[str, Any] = {"started": now(), "state": state, "shards_skipped": len(done)}
-        manifest["attempts"].append(attempt)
-        store.write_manifest(manifest)
         n_prompts = sum(len(s.prompts) for s in resolved.prompt_sets)
-        log(
+        attempt = run_attempt(
+            store,
+            plan,
+            manifest,
+            state,
+            lambda pending, done: _run_pending(
+                resolved, plan, pending, store, done, engine_factory, timings
+            ),
+            t0,
+            timings,
             f"run {resolved.run_id}: {plan.n_rows} rows = {n_prompts} prompts × "
             f"{len(plan.conditions)} conditions × {plan.samples} sample(s), "
-            f"{len(plan.shards)} shards -> {store.root}"
+            f"{len(plan.shards)} shards -> {store.root}",
         )
-        if done:
-            log(
-                f"resuming: {len(done)} of {len(plan.shards)} shards already on disk, "
-                f"{len(pending)} to go"
-            )
-        try:
-            stats = FanOutStats()
-            if pending:
-                stats = _run_pending(resolved, plan, pending, store, done, engine_factory, timings)
-            rows_total = _check_complete(store, plan)
-        except BaseException as e:  # Ctrl-C included: say in the manifest how this attempt ended
-            attempt.update(finished=now(), error=f"{type(e).__name__}: {e}".strip())
-            store.write_manifest(manifest)
-            raise
-        timings["total_s"] = time.perf_counter() - t0
-        generate_s = timings.get("generate_s", 0.0)
-        rate, steady = throughput(stats, generate_s)
+        stats = attempt.stats
         result = RunResult(
             run_id=resolved.run_id,
             run_dir=store.root,
             rows_dir=store.rows_dir,
             manifest_path=store.manifest_path,
             state=state,
-            rows_total=rows_total,
+            rows_total=attempt.rows_total,
             shards_total=len(plan.shards),
-            shards_skipped=len(done),
+            shards_skipped=attempt.skipped,
             shards_written=stats.shards_written,
             rows_written=stats.rows_written,
             wall_s=timings["total_s"],
-            generate_s=generate_s,
-            rows_per_s=rate,
-            steady_rows_per_s=steady,
+            generate_s=timings.get("generate_s", 0.0),
+            rows_per_s=attempt.rows_per_s,
+            steady_rows_per_s=attempt.steady_rows_per_s,
             engine_failures=stats.engine_failures,
             timings=timings,
         )
-        attempt.update(
-            finished=now(),
-            shards_written=stats.shards_written,
-            rows_written=stats.rows_written,
-            engines=stats.engines,
-            engine_failures=stats.engine_failures,
-            requeued_shards=stats.requeued,
-            duplicates_dropped=stats.duplicates_dropped,
-            engine_info=stats.engine_info,
-            parts=stats.part_origin,  # which engine, node and host wrote each part
-            rows_per_s=_round(rate),
-            steady_rows_per_s=_round(steady),
-            timings={k: round(v, 2) for k, v in timings.items()},
-        )
-        manifest.update(status="complete", completed=now())
-        manifest.update(rows={"expected": plan.n_rows, "written": rows_total})
-        manifest["timings"] = attempt["timings"]
-        store.write_manifest(manifest)
     finally:
         store.close()
     return result
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one invocation of a fan-out job did."""
+
+    stats: FanOutStats
+    skipped: int  # shards already on disk when it started
+    rows_total: int
+    rows_per_s: float | None
+    steady_rows_per_s: float | None
+
+
+def run_attempt(
+    store: PartStore,
+    plan: Any,
+    manifest: dict[str, Any],
+    state: str,
+    run_pending: Callable[[list[str], set[str]], FanOutStats],
+    t0: float,
+    timings: dict[str, float],
+    headline: str,
+) -> Attempt:
+    """One attempt of a fan-out job over an open store: skip finished shards, run the rest,
+    check every shard is on disk once, and keep the manifest's `attempts` up to date (an
+    attempt that fails, Ctrl-C included, says how it ended). Shared by the grid and the judge;
+    `manifest` is the job's own and is completed (`status`, `rows`, `timings`) here."""
+    log = _log
+    done = store.finished_shards(plan)
+    pending = [s.shard_id for s in plan.shards if s.shard_id not in done]
+    attempt: dict[str, Any] = {"started": now(), "state": state, "shards_skipped": len(done)}
+    manifest["attempts"].append(attempt)
+    store.write_manifest(manifest)
+    log(headline)
+    if done:
+        log(
+            f"resuming: {len(done)} of {len(plan.shards)} shards already on disk, "
+            f"{len(pending)} to go"
+        )
+    try:
+        stats = FanOutStats()
+        if pending:
+            stats = run_pending(pending, done)
+        rows_total = _check_complete(store, plan)
+    except BaseException as e:  # Ctrl-C included: say in the manifest how this attempt ended
+        attempt.update(finished=now(), error=f"{type(e).__name__}: {e}".strip())
+        store.write_manifest(manifest)
+        raise
+    timings["total_s"] = time.perf_counter() - t0
+    rate, steady = throughput(stats, timings.get("generate_s", 0.0))
+    attempt.update(
+        finished=now(),
+        shards_written=stats.shards_written,
+        rows_written=stats.rows_written,
+        engines=stats.engines,
+        engine_failures=stats.engine_failures,
+        requeued_shards=stats.requeued,
+        duplicates_dropped=stats.duplicates_dropped,
+        engine_info=stats.engine_info,
+        parts=stats.part_origin,  # which engine, node and host wrote each part
+        rows_per_s=_round(rate),
+        steady_rows_per_s=_round(steady),
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )
+    manifest.update(status="complete", completed=now())
+    manifest.update(rows={"expected": plan.n_rows, "written": rows_total})
+    manifest["timings"] = attempt["timings"]
+    store.write_manifest(manifest)
+    return Attempt(stats, len(done), rows_total, rate, steady)
 
 
 def plan_grid(resolved: ResolvedGrid) -> GridPlan:
@@ -134,7 +182,7 @@ def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
 
 
-def _check_complete(store: RunStore, plan: GridPlan) -> int:
+def _check_complete(store: PartStore, plan: Any) -> int:
     """Every shard of the plan on disk once, with the planned number of rows; returns that."""
     missing = sorted({s.shard_id for s in plan.shards} - store.finished_shards(plan))
     if missing:
@@ -154,18 +202,13 @@ def _run_pending(
     engine_factory: EngineFactory | None,
     timings: dict[str, float],
 ) -> FanOutStats:
-    import ray
-    from tqdm import tqdm
-
     c = resolved.config
-    t_ray = time.perf_counter()
-    started_ray = connect_ray(c)
-    timings["ray_start_s"] = time.perf_counter() - t_ray
-    try:
-        where = place_engines(c, len(pending))
-        _log(f"starting {where.engines} engine(s) ({where.describe()}) on Ray {ray.__version__}")
-        spec = EngineSpec(
-            model=resolved.model,
+
+    def work(where: Placement) -> GridWork:
+        spec = engine_spec(
+            c,
+            where,
+            resolved.model,
             plane_path=str(resolved.plane_path),
             plane_bytes=resolved.plane_path.read_bytes(),
             plane_sha256=resolved.plane_sha256,
@@ -177,19 +220,6 @@ def _run_pending(
             )
             if resolved.config.planes
             else (),
-            dtype=c.dtype,
-            revision=c.revision,
-            tensor_parallel_size=where.tensor_parallel_size,
-            use_gpu=where.use_gpu,
-            cpus_per_engine=c.cpus_per_engine,
-            env={
-                **({} if c.verbose else {"VLLM_LOGGING_LEVEL": "WARNING"}),
-                **engine_env(where.use_gpu),
-            },
-            llm_kwargs={
-                **engine_kwargs(where.use_gpu),
-                **({"enforce_eager": True} if c.enforce_eager else {}),
-            },
         )
         ctx = RowContext(
             run_id=resolved.run_id,
@@ -202,21 +232,68 @@ def _run_pending(
             coherence=c.coherence,
             selective=dict(resolved.selective),
         )
+        return GridWork(spec, ctx, engine_factory)
+
+    return run_shards(
+        c,
+        plan,
+        pending,
+        store,
+        done,
+        work,
+        timings,
+        name=f"rotserve-grid-{resolved.run_id}",
+        desc="grid",
+        max_engine_failures=c.max_engine_failures,
+        progress=c.progress,
+    )
+
+
+def run_shards(
+    c: ExecOptions,
+    plan: Any,
+    pending: list[str],
+    store: PartWriter,
+    done: set[str],
+    work: Callable[[Placement], ShardWork],
+    timings: dict[str, float],
+    *,
+    name: str,
+    desc: str,
+    max_engine_failures: int,
+    progress: bool,
+) -> FanOutStats:
+    """Join (or start) Ray, place engines, run the pending shards with a progress bar.
+
+    Shared by every fan-out job (the grid, the judge): `plan` has `.shards` and `.shard(id)`,
+    `work(placement)` builds what each actor runs. Fills `timings` (ray_start_s, generate_s,
+    first_part_s); stops a Ray cluster it started.
+    """
+    import ray
+    from tqdm import tqdm
+
+    t_ray = time.perf_counter()
+    started_ray = connect_ray(c)
+    timings["ray_start_s"] = time.perf_counter() - t_ray
+    try:
+        where = place_engines(c, len(pending))
+        _log(f"starting {where.engines} engine(s) ({where.describe()}) on Ray {ray.__version__}")
         bar = tqdm(
-            total=plan.n_rows,
+            total=sum(s.n_rows for s in plan.shards),
             initial=sum(plan.shard(s).n_rows for s in done),
             unit="row",
-            desc="grid",
-            disable=not c.progress,
+            desc=desc,
+            disable=not progress,
             dynamic_ncols=True,
             smoothing=0.05,
             file=sys.stderr,
         )
+        n_shards = len(plan.shards)
 
         def on_rows(n: int, stats: FanOutStats) -> None:
             bar.update(n)
             bar.set_postfix_str(
-                f"shards {len(done) + stats.shards_written}/{len(plan.shards)}", refresh=False
+                f"shards {len(done) + stats.shards_written}/{n_shards}", refresh=False
             )
 
         bar.set_postfix_str("starting engines")
@@ -224,14 +301,13 @@ def _run_pending(
             plan=plan,
             pending_ids=pending,
             store=store,
-            spec=spec,
-            ctx=ctx,
+            work=work(where),
+            name=name,
             engines=where.engines,
             use_gpu=where.use_gpu,
             gpus_per_engine=where.gpus_per_engine,
             cpus_per_engine=c.cpus_per_engine,
-            max_engine_failures=c.max_engine_failures,
-            factory=engine_factory,
+            max_engine_failures=max_engine_failures,
             on_rows=on_rows,
             log=_log,
         )

@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from rotserve.grid.plan import GridPlan, Shard, WorkUnit
-from rotserve.grid.store import RunStore
+from rotserve.grid.plan import Shard, WorkUnit
 from rotserve.rundir import to_table
 from rotserve.scoring import coherence, fluency, is_refusal
 
@@ -65,12 +64,14 @@ class GridRunError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build one engine; shipped to every actor (so it must stay small and picklable)."""
+    """How to build one engine; shipped to every actor (so it must stay small and picklable).
+
+    No plane_path: the stock model, unsteered (the judge's engines)."""
 
     model: str
-    plane_path: str
-    plane_bytes: bytes  # the plane file itself, for nodes that cannot see plane_path
-    plane_sha256: str
+    plane_path: str | None = None  # None: the stock model (a judge engine)
+    plane_bytes: bytes = b""  # the plane file itself, for nodes that cannot see plane_path
+    plane_sha256: str = ""
     # A sweep's planes: (name, path, file bytes, sha256) each; () = the one plane above.
     planes: tuple[tuple[str, str, bytes, str], ...] = ()
     dtype: str = "auto"
@@ -130,6 +131,12 @@ def make_engine(spec: EngineSpec) -> GridEngine:
     """The real engine: RotServeEngine (vLLM + the rotserve plugin) for one actor."""
     from rotserve.engine import RotServeEngine
 
+    plane = (
+        _local_plane(spec.plane_path, spec.plane_bytes, spec.plane_sha256)
+        if spec.plane_path is not None
+        else None
+    )
+
     kwargs = dict(spec.llm_kwargs)
     if spec.revision:
         kwargs["revision"] = spec.revision
@@ -140,7 +147,6 @@ def make_engine(spec: EngineSpec) -> GridEngine:
     if spec.planes:
         planes = {name: _local_plane(path, data, sha) for name, path, data, sha in spec.planes}
         return RotServeEngine(spec.model, planes=planes, dtype=spec.dtype, **kwargs)
-    plane = _local_plane(spec.plane_path, spec.plane_bytes, spec.plane_sha256)
     return RotServeEngine(spec.model, plane, dtype=spec.dtype, **kwargs)
 
 
@@ -271,21 +277,93 @@ def shard_rows(
     return rows
 
 
-class EngineWorker:
-    """One engine in one Ray actor. Made a remote class with per-run options in start_engine()."""
+class ShardWork(Protocol):
+    """What the fan-out runs in each actor: how to build its engine and turn a shard into a
+    table. The grid (GridWork) and the judge (rotserve.judge) differ only here; placement,
+    re-queueing and exactly-once publishing are FanOut's, shared. Shipped to every actor, so
+    it must stay small and picklable."""
 
-    def __init__(self, spec: EngineSpec, ctx: RowContext, slot: int, factory: EngineFactory | None):
-        os.environ.update(spec.env)
+    @property
+    def use_gpu(self) -> bool: ...
+
+    @property
+    def cpus_per_engine(self) -> int: ...
+
+    @property
+    def env(self) -> dict[str, str]: ...
+
+    def start(self) -> Any: ...
+
+    def run(self, engine: Any, shard: Any) -> pa.Table: ...
+
+
+@dataclass(frozen=True)
+class SpecWork:
+    """ShardWork whose engine a factory builds from a small spec (with use_gpu,
+    cpus_per_engine and env); `factory` None means the class's `make` (the real engine)."""
+
+    spec: Any
+    ctx: Any
+    factory: Callable[[Any], Any] | None = None
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.spec.use_gpu
+
+    @property
+    def cpus_per_engine(self) -> int:
+        return self.spec.cpus_per_engine
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.spec.env
+
+    def make(self, spec: Any) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        return (self.factory or self.make)(self.spec)
+
+    def run(self, engine: Any, shard: Any) -> pa.Table:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GridWork(SpecWork):
+    """The grid's shard work: a RotServeEngine per actor (or a test's stand-in), rows out."""
+
+    def make(self, spec: EngineSpec) -> GridEngine:
+        return make_engine(spec)
+
+    def run(self, engine: GridEngine, shard: Shard) -> pa.Table:
+        return to_table(generate_shard(engine, shard, self.ctx))
+
+
+class PlanLike(Protocol):
+    """The plan as FanOut needs it: shards by id, each knowing its id and row count."""
+
+    def shard(self, shard_id: str) -> Any: ...
+
+
+class PartWriter(Protocol):
+    def write_part(self, shard_id: str, table: pa.Table) -> Any: ...
+
+
+class EngineWorker:
+    """One engine in one Ray actor. Made a remote class with per-run options in FanOut._start."""
+
+    def __init__(self, work: ShardWork, slot: int):
+        os.environ.update(work.env)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if not spec.use_gpu:
+        if not work.use_gpu:
             # Before vLLM is imported in this process, and inherited by its engine-core process.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(
-                slot, spec.cpus_per_engine, os.cpu_count() or 1
+                slot, work.cpus_per_engine, os.cpu_count() or 1
             )
         t0 = time.perf_counter()
-        self.engine = (factory or make_engine)(spec)
-        self.ctx = ctx
+        self.work = work
+        self.engine = work.start()
         import ray
 
         self.info = {
@@ -294,7 +372,7 @@ class EngineWorker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "startup_s": round(time.perf_counter() - t0, 2),
-            "cpu_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not spec.use_gpu else None,
+            "cpu_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not work.use_gpu else None,
         }
         canary = getattr(
             self.engine, "canary", None
@@ -302,9 +380,9 @@ class EngineWorker:
         if canary is not None:
             self.info["canary"] = {"seconds": round(canary.seconds, 3), **canary.stack}
 
-    def run_shard(self, shard: Shard) -> tuple[str, pa.Table, dict[str, Any]]:
+    def run_shard(self, shard: Any) -> tuple[str, pa.Table, dict[str, Any]]:
         t0 = time.perf_counter()
-        table = to_table(generate_shard(self.engine, shard, self.ctx))
+        table = self.work.run(self.engine, shard)
         return shard.shard_id, table, {**self.info, "generate_s": time.perf_counter() - t0}
 
     def close(self) -> None:
@@ -337,19 +415,22 @@ class FanOutStats:
 
 @dataclass
 class FanOut:
-    """Keeps `engines` actors busy with pending shards and writes each result once."""
+    """Keeps `engines` actors busy with pending shards and writes each result once.
 
-    plan: GridPlan
+    `name` prefixes the actors' Ray names (e.g. rotserve-grid-<run id>); `work` says what an
+    actor builds and runs; `store.write_part` publishes a shard's table.
+    """
+
+    plan: PlanLike
     pending_ids: list[str]
-    store: RunStore
-    spec: EngineSpec
-    ctx: RowContext
+    store: PartWriter
+    work: ShardWork
+    name: str
     engines: int
     use_gpu: bool
     gpus_per_engine: int
     cpus_per_engine: int
     max_engine_failures: int
-    factory: EngineFactory | None = None
     on_rows: Callable[[int, FanOutStats], None] | None = None  # progress hook
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)
     stats: FanOutStats = field(default_factory=FanOutStats)
@@ -360,8 +441,8 @@ class FanOut:
         self._ray = ray
         self._actors: dict[int, Any] = {}
         self._assigned: dict[int, list[Any]] = {}
-        self._inflight: dict[Any, tuple[int, Shard]] = {}
-        self._pending: deque[Shard] = deque(self.plan.shard(i) for i in self.pending_ids)
+        self._inflight: dict[Any, tuple[int, Any]] = {}
+        self._pending: deque[Any] = deque(self.plan.shard(i) for i in self.pending_ids)
         self._done: set[str] = set()
         self._shard_errors: dict[str, int] = {}
         self._ever_ready = False
@@ -379,10 +460,8 @@ class FanOut:
     def _start(self, slot: int) -> None:
         # Named, so an operator (or a test) can find and kill a given engine with ray.get_actor.
         self._generation += 1
-        name = f"rotserve-grid-{self.ctx.run_id}-engine{slot}-{self._generation}"
-        actor = self._remote.options(name=name, **self._opts).remote(
-            self.spec, self.ctx, slot, self.factory
-        )
+        name = f"{self.name}-engine{slot}-{self._generation}"
+        actor = self._remote.options(name=name, **self._opts).remote(self.work, slot)
         self._actors[slot] = actor
         self._assigned[slot] = []
         self._up.discard(slot)
@@ -395,7 +474,7 @@ class FanOut:
                 self._inflight[ref] = (slot, shard)
                 self._assigned[slot].append(ref)
 
-    def _retry(self, shard: Shard, slot: int, err: BaseException, init_failed: bool) -> None:
+    def _retry(self, shard: Any, slot: int, err: BaseException, init_failed: bool) -> None:
         self._pending.appendleft(shard)
         self.stats.requeued.append(shard.shard_id)
         self._engine_lost(slot, err, init_failed)

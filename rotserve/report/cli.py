@@ -13,7 +13,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Summarise a grid run directory: per dataset, mode and angle, the refusal rate, mean "
             "output tokens, mean fluency and n, as summary.csv and summary.md, plus a polar plot "
-            "of refusal rate against angle (refusal_polar.png). Works on a partial run too."
+            "of refusal rate against angle (refusal_polar.png); for every verdict table of `rotserve "
+            "judge`, each label's share per angle (verdicts.csv, verdicts.md), a polar plot per "
+            "judge (verdicts_<name>_polar.png) and example generations per label "
+            "(verdicts_<name>_examples.md). Works on a partial run too."
         ),
         formatter_class=DefaultsFormatter,
     )
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(rep.short_text())
         print()
     print(f"summary  {rep.csv_path}\n         {rep.markdown_path}\nplot     {rep.plot_path}")
+    if rep.verdicts_markdown is not None:
+        print(f"verdicts {rep.verdicts_csv}\n         {rep.verdicts_markdown}")
+        for v in rep.verdicts:
+            print(f"         {v.plot_path}\n         {v.examples_path}")
     return 0
 
 

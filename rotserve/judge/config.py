@@ -1,0 +1,241 @@
+"""What a judge run is: the typed request, and its validation before Ray or vLLM start.
+
+JudgeConfig is what the user asked for; `resolve()` checks every input (the run directory and
+its rows, the rubric, the judge model and its tokenizer, every row's prompt against the
+judge's context) and returns a ResolvedJudge with the plan's items and the table's identity,
+so each bad input is a clear JudgeConfigError in seconds, not a traceback after an engine start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rotserve.grid.config import DTYPES, GridConfigError, resolve_model
+from rotserve.judge.plan import JudgeItem, JudgePlan, make_judge_plan
+from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
+from rotserve.judge.rubrics import Rubric, RubricError, load_rubric
+from rotserve.paths import toy_judge_dir
+from rotserve.rundir import (
+    MANIFEST,
+    ROWS_DIR,
+    RunDirError,
+    read_manifest,
+    read_rows,
+    row_keys,
+)
+
+DEFAULT_SHARD_SIZE = 256  # rows per generate() call and per verdict part file
+MAX_DEFAULT_CONTEXT = 8192  # the judge's context unless --max-model-len: rows fit well within
+
+
+class JudgeConfigError(ValueError):
+    """A judge request that cannot run; the message says which input and what to do."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """One judge request. Defaults: the shipped toy judge with the `behaviour` rubric."""
+
+    run_dir: str
+    judge: str = field(default_factory=lambda: str(toy_judge_dir()))
+    rubric: str = "behaviour"
+    labels: str | None = None  # for a rubric template file: "a,b,c"
+    name: str | None = None  # the verdict table's name; None: <judge slug>.<rubric>
+    revision: str | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    max_model_len: int | None = None  # None: the judge's max positions, at most 8192
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    # execution only (as the grid's)
+    engines: int | None = None
+    gpus_per_engine: int | None = None
+    cpus_per_engine: int = 1
+    tensor_parallel_size: int | None = None
+    ray_address: str | None = None
+    max_engine_failures: int = 3
+    progress: bool = True
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedJudge:
+    config: JudgeConfig
+    run_dir: Path
+    run_id: str
+    run_manifest: dict[str, Any]
+    judge: str  # absolute directory or hub id
+    judge_is_local: bool
+    rubric: Rubric
+    context: int
+    name: str
+    plan: JudgePlan
+    n_rule: int  # rows labelled by the rubric's short-response rule
+    n_truncated: int
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the verdicts; its hash is the table's verdict id."""
+        c = self.config
+        return {
+            "run_id": self.run_id,
+            "judge": self.judge,
+            "revision": c.revision,
+            "rubric": self.rubric.name,
+            "rubric_fingerprint": self.rubric.fingerprint(),
+            "dtype": c.dtype,
+            "enforce_eager": c.enforce_eager,
+            "context": self.context,
+            "plan": self.plan.fingerprint,
+        }
+
+    @property
+    def verdict_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def judge_slug(judge: str) -> str:
+    """A table-name-safe short name of a judge: a directory's name, or org--name of a hub id."""
+    base = Path(judge).name if Path(judge).is_dir() else judge.replace("/", "--")
+    return re.sub(r"[^\w.-]+", "-", base).strip(".-") or "judge"
+
+
+def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
+    """Check every input and build the plan; JudgeConfigError on the first problem."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    _check_numbers(config)
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    manifest = _run_manifest(run_dir)
+    rows = read_rows(run_dir)
+    if rows.num_rows == 0:
+        raise JudgeConfigError(
+            f"{run_dir} has no rows (no part files in {run_dir / ROWS_DIR}): run the grid first"
+        )
+    expected = (manifest.get("rows") or {}).get("expected")
+    if manifest.get("status") != "complete" or rows.num_rows != expected:
+        raise JudgeConfigError(
+            f"{run_dir} is not a complete run ({rows.num_rows} of {expected} rows, status "
+            f"{manifest.get('status')!r}): rerun its grid command to finish it, then judge it"
+        )
+    try:
+        rubric = load_rubric(config.rubric, config.labels)
+    except RubricError as e:
+        raise JudgeConfigError(f"--rubric {config.rubric}: {e}") from None
+    try:
+        judge, is_local = resolve_model(config.judge, flag="--judge")
+    except GridConfigError as e:
+        raise JudgeConfigError(str(e)) from None
+    tokenizer, max_positions = _load_judge(judge, config.revision)
+    context = config.max_model_len or min(max_positions or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
+    if max_positions and context > max_positions:
+        raise JudgeConfigError(
+            f"--max-model-len {context} is more than the judge's {max_positions} positions"
+        )
+    log(f"judge: building {rows.num_rows} prompts for {judge_slug(judge)} ({rubric.name})")
+    items = _items(rows, rubric, tokenizer, context, config.progress)
+    name = config.name or f"{judge_slug(judge)}.{rubric.name}"
+    if not re.fullmatch(r"[\w][\w.-]*", name):
+        raise JudgeConfigError(f"--name {name!r}: letters, digits, '.', '-' and '_' only")
+    return ResolvedJudge(
+        config=config,
+        run_dir=run_dir,
+        run_id=str(manifest["run_id"]),
+        run_manifest=manifest,
+        judge=judge,
+        judge_is_local=is_local,
+        rubric=rubric,
+        context=context,
+        name=name,
+        plan=make_judge_plan(items, config.shard_size),
+        n_rule=sum(it.rule_label is not None for it in items),
+        n_truncated=sum(it.truncated for it in items),
+    )
+
+
+def _check_numbers(c: JudgeConfig) -> None:
+    checks = [
+        (c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"),
+        (c.shard_size >= 1, f"--shard-size must be at least 1, got {c.shard_size}"),
+        (c.engines is None or c.engines >= 1, f"--engines must be at least 1, got {c.engines}"),
+        (c.cpus_per_engine >= 1, f"--cpus-per-engine must be at least 1, got {c.cpus_per_engine}"),
+        (
+            c.max_model_len is None or c.max_model_len >= 16,
+            f"--max-model-len must be at least 16, got {c.max_model_len}",
+        ),
+        (c.max_engine_failures >= 0, "--max-engine-failures must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise JudgeConfigError(msg)
+
+
+def _run_manifest(run_dir: Path) -> dict[str, Any]:
+    if not run_dir.is_dir():
+        raise JudgeConfigError(f"RUN_DIR {run_dir}: no such directory")
+    try:
+        manifest = read_manifest(run_dir)
+    except RunDirError as e:
+        raise JudgeConfigError(str(e)) from None
+    if manifest is None or "run_id" not in manifest:
+        raise JudgeConfigError(
+            f"{run_dir} holds no grid {MANIFEST}: not a run directory (give the directory "
+            "`rotserve grid` wrote, e.g. runs/grid-<run id>)"
+        )
+    return manifest
+
+
+def _load_judge(judge: str, revision: str | None) -> tuple[Any, int | None]:
+    """The judge's tokenizer and max positions, read with transformers (no remote code)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(judge, revision=revision)
+        cfg = AutoConfig.from_pretrained(judge, revision=revision)
+    except Exception as e:  # missing files, unknown architecture, no network for a hub id
+        raise JudgeConfigError(f"--judge {judge}: cannot load its tokenizer/config: {e}") from None
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    return tokenizer, getattr(text_cfg, "max_position_embeddings", None)
+
+
+def _items(
+    rows: Any, rubric: Rubric, tokenizer: Any, context: int, progress: bool = False
+) -> list[JudgeItem]:
+    from tqdm import tqdm
+
+    keys = row_keys(rows)
+    cols = zip(
+        rows.column("instruction").to_pylist(),
+        rows.column("generation").to_pylist(),
+        keys,
+        strict=True,
+    )
+    items = []
+    # ~1 ms a row (chat template + tokenizer): a bar for runs large enough to wait on
+    bar = tqdm(
+        cols,
+        total=rows.num_rows,
+        desc="judge prompts",
+        unit="row",
+        disable=not progress or rows.num_rows < 5000,
+        file=sys.stderr,
+    )
+    for instruction, generation, key in bar:
+        if short_by_rule(rubric, generation):
+            items.append(JudgeItem.of(key, (), False, rubric.short_label))
+            continue
+        try:
+            inp = judge_input(rubric, tokenizer, instruction, generation, context)
+        except ContextError as e:
+            raise JudgeConfigError(f"row {key}: {e}") from None
+        items.append(JudgeItem.of(key, inp.token_ids, inp.truncated))
+    return items
+
+
+def config_dict(config: JudgeConfig) -> dict[str, Any]:
+    return asdict(config)

@@ -1,0 +1,213 @@
+"""The judge job, as its stages (the grid's machinery, on a verdict table):
+
+resolve   check run directory, rubric, judge; build every row's prompt   (config.py)
+plan      one item per row, by row key, cut into deterministic shards    (plan.py; pure)
+open      the verdict table: new, resume or refuse                       (store.py)
+run       judge engines on Ray pull shards; each becomes a part          (grid's FanOut)
+finish    every shard on disk once; the table's manifest                 (grid's run_attempt)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rotserve.grid.cluster import Placement, engine_spec
+from rotserve.grid.job import run_attempt, run_shards
+from rotserve.grid.manifest import git_commit, now, package_versions
+from rotserve.grid.runner import FanOutStats
+from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
+from rotserve.judge.engine import JudgeFactory, JudgeWork, VerdictContext
+from rotserve.judge.prompts import TRUNCATION_RULE
+from rotserve.judge.store import VerdictStore
+from rotserve.rundir import VERDICT_FORMAT, VERDICT_SCHEMA, part_files_in
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    run_id: str
+    run_dir: Path
+    name: str  # the verdict table's name
+    table_dir: Path  # RUN_DIR/verdicts/<name>/: read it with any Parquet reader
+    manifest_path: Path
+    state: str  # new | resume | overwrite
+    rows_total: int
+    judged: int  # rows the judge model answered (the others: the rubric's rule)
+    by_rule: int
+    truncated: int
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    wall_s: float
+    rows_per_s: float | None
+    engine_failures: int = 0
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_judge(
+    config: JudgeConfig,
+    *,
+    engine_factory: JudgeFactory | None = None,
+    argv: list[str] | None = None,
+) -> JudgeResult:
+    """Judge every row of a complete grid run into its own verdict table (or resume one).
+
+    Raises JudgeConfigError (or RunDirError) before Ray or any engine starts.
+    """
+    t0 = time.perf_counter()
+    resolved = resolve(config, log=_log)
+    plan = resolved.plan
+    store, state = VerdictStore.open(
+        resolved.run_dir, resolved.name, resolved.run_id, resolved.verdict_id, config.overwrite
+    )
+    try:
+        timings = {"resolve_s": time.perf_counter() - t0}
+        manifest = verdict_manifest(resolved, store.read_manifest(), argv)
+        attempt = run_attempt(
+            store,
+            plan,
+            manifest,
+            state,
+            lambda pending, done: _run_pending(
+                resolved, pending, store, done, engine_factory, timings
+            ),
+            t0,
+            timings,
+            f"judge {resolved.name}: {plan.n_rows} rows of run {resolved.run_id} "
+            f"({plan.n_rows - resolved.n_rule} to the judge, {resolved.n_rule} by the rubric's "
+            f"rule, {resolved.n_truncated} truncated), {len(plan.shards)} shards -> "
+            f"{store.parts_dir}",
+        )
+        counts = label_counts(store.parts_dir)
+        manifest["labels_counted"] = counts
+        store.write_manifest(manifest)
+        stats = attempt.stats
+        return JudgeResult(
+            run_id=resolved.run_id,
+            run_dir=resolved.run_dir,
+            name=resolved.name,
+            table_dir=store.parts_dir,
+            manifest_path=store.manifest_path,
+            state=state,
+            rows_total=attempt.rows_total,
+            judged=plan.n_rows - resolved.n_rule,
+            by_rule=resolved.n_rule,
+            truncated=resolved.n_truncated,
+            shards_total=len(plan.shards),
+            shards_skipped=attempt.skipped,
+            shards_written=stats.shards_written,
+            wall_s=timings["total_s"],
+            rows_per_s=attempt.rows_per_s,
+            engine_failures=stats.engine_failures,
+            label_counts=counts,
+        )
+    finally:
+        store.close()
+
+
+def label_counts(table_dir: Path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for f in part_files_in(table_dir):
+        for label in pq.read_table(f, columns=["label"]).column("label").to_pylist():
+            counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def verdict_manifest(
+    resolved: ResolvedJudge, previous: dict[str, Any] | None, argv: list[str] | None
+) -> dict[str, Any]:
+    r, c = resolved.rubric, resolved.config
+    previous = previous or {}
+    return {
+        "format": VERDICT_FORMAT,
+        "run_id": resolved.run_id,
+        "verdict_id": resolved.verdict_id,
+        "name": resolved.name,
+        "status": "running",
+        "created": previous.get("created", now()),
+        "command": argv,
+        "config": config_dict(c),
+        "judge": {
+            "model": resolved.judge,
+            "model_is_local": resolved.judge_is_local,
+            "revision": c.revision,
+            "context": resolved.context,
+        },
+        "rubric": {
+            "name": r.name,
+            "labels": list(r.labels),
+            "template": r.template,
+            "chat": r.chat,
+            "conversation": r.conversation,
+            "description": r.description,
+            "fingerprint": r.fingerprint(),
+        },
+        # The rules that decide a verdict without (or before) the judge, in words.
+        "rules": {"short_response": r.rule, "truncation": TRUNCATION_RULE},
+        "counts": {
+            "rows": resolved.plan.n_rows,
+            "judged": resolved.plan.n_rows - resolved.n_rule,
+            "by_rule": resolved.n_rule,
+            "truncated": resolved.n_truncated,
+        },
+        "identity": resolved.identity(),
+        "plan": {
+            "fingerprint": resolved.plan.fingerprint,
+            "shard_size": c.shard_size,
+            "shards": len(resolved.plan.shards),
+        },
+        "rows": {"expected": resolved.plan.n_rows, "written": None},
+        "schema": [
+            {"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in VERDICT_SCHEMA
+        ],
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "attempts": list(previous.get("attempts", [])),
+    }
+
+
+def _run_pending(
+    resolved: ResolvedJudge,
+    pending: list[str],
+    store: VerdictStore,
+    done: set[str],
+    engine_factory: JudgeFactory | None,
+    timings: dict[str, float],
+) -> FanOutStats:
+    c = resolved.config
+
+    def work(where: Placement) -> JudgeWork:
+        spec = engine_spec(c, where, resolved.judge, llm_kwargs={"max_model_len": resolved.context})
+        ctx = VerdictContext(
+            run_id=resolved.run_id,
+            judge=resolved.judge,
+            rubric=resolved.rubric.name,
+            labels=resolved.rubric.labels,
+        )
+        return JudgeWork(spec, ctx, engine_factory)
+
+    return run_shards(
+        c,
+        resolved.plan,
+        pending,
+        store,
+        done,
+        work,
+        timings,
+        name=f"rotserve-judge-{resolved.run_id}-{resolved.verdict_id}",
+        desc="judge",
+        max_engine_failures=c.max_engine_failures,
+        progress=c.progress,
+    )
+
+
+def _log(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)

@@ -1,0 +1,280 @@
+"""The judges' side of the report: per dataset × mode × angle, each label's share, for every
+verdict table of the run; a polar plot per table (one line per label) and example generations
+per label and angle region.
+
+Reads the run directory only (rotserve.rundir: rows, verdict tables, their checks). Uses
+pyarrow and the standard library (pandas is a dev extra, not a dependency).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from rotserve.report.summary import BASELINE, MODE_ORDER, mode_of
+from rotserve.rundir import (
+    RunDirError,
+    read_verdict_manifest,
+    read_verdicts,
+    row_keys,
+    verdict_tables,
+)
+
+# Angle regions for the examples: quarters of the circle centred on 0°, 90°, 180°, 270°.
+REGIONS = ((0.0, "around 0°"), (90.0, "around 90°"), (180.0, "around 180°"), (270.0, "around 270°"))
+EXAMPLES_PER_CELL = 2
+
+
+@dataclass(frozen=True)
+class LabelShare:
+    table: str  # the verdict table's name (<judge>.<rubric>)
+    dataset: str
+    mode: str  # baseline | plain | adaptive
+    angle: float | None
+    label: str
+    n: int  # rows in the cell
+    share: float  # of those rows, the share with this label
+
+
+@dataclass(frozen=True)
+class VerdictReport:
+    name: str
+    labels: tuple[str, ...]
+    shares: list[LabelShare]
+    plot_path: Path
+    examples_path: Path
+    rule: str | None  # the rubric's short-response rule, if any (stated in the outputs)
+    truncated: int
+
+
+def region_of(angle: float | None) -> str:
+    if angle is None:
+        return BASELINE
+    centre = min(REGIONS, key=lambda r: abs((angle - r[0] + 180.0) % 360.0 - 180.0))
+    return centre[1]
+
+
+def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence[str]) -> list:
+    """One LabelShare per (dataset, mode, angle, label) of the judged rows, in report order."""
+    by_key = dict(
+        zip(
+            verdicts.column("row_key").to_pylist(),
+            verdicts.column("label").to_pylist(),
+            strict=True,
+        )
+    )
+    cells: dict[tuple[str, str, float | None], dict[str, int]] = defaultdict(
+        lambda: defaultdict(int)
+    )
+    order: list[str] = []
+    cols = [rows.column(c).to_pylist() for c in ("dataset", "angle", "adaptive")]
+    for key, ds, angle, adaptive in zip(row_keys(rows), *cols, strict=True):
+        if key not in by_key:
+            continue  # a partial verdict table: only judged rows count
+        if ds not in order:
+            order.append(ds)
+        cells[(ds, mode_of(angle, adaptive), angle)][by_key[key]] += 1
+    out = []
+    for (ds, mode, angle), counts in sorted(
+        cells.items(),
+        key=lambda kv: (
+            order.index(kv[0][0]),
+            MODE_ORDER.index(kv[0][1]),
+            -1.0 if kv[0][2] is None else kv[0][2],
+        ),
+    ):
+        n = sum(counts.values())
+        out += [LabelShare(name, ds, mode, angle, lb, n, counts.get(lb, 0) / n) for lb in labels]
+    return out
+
+
+def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["table", "dataset", "mode", "angle", "label", "n", "share"])
+        for s in shares:
+            angle = "" if s.angle is None else f"{s.angle:g}"
+            w.writerow([s.table, s.dataset, s.mode, angle, s.label, s.n, f"{s.share:.4f}"])
+    return path
+
+
+def shares_markdown(report: VerdictReport) -> str:
+    """Per mode, a row per angle (baseline first), a column per dataset × label."""
+    shares = report.shares
+    ds = list(dict.fromkeys(s.dataset for s in shares))
+    by = {(s.dataset, s.mode, s.angle, s.label): s for s in shares}
+    out = [f"## verdicts {report.name}", ""]
+    out.append("Share of each label per dataset and angle; n rows per cell as in summary.md.")
+    if report.rule:
+        out.append(f"Rule: {report.rule}.")
+    if report.truncated:
+        out.append(f"{report.truncated} generation(s) were cut to fit the judge's context.")
+    modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
+    for mode in modes or [BASELINE]:
+        out += ["", f"### {mode} mode" if mode != BASELINE else "### baseline only", ""]
+        header = ["angle"] + [f"{d} {lb}" for d in ds for lb in report.labels]
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
+        angles = [None] + sorted(
+            {s.angle for s in shares if s.mode == mode and s.angle is not None}
+        )
+        for a in angles:
+            m = BASELINE if a is None else mode
+            cells = [BASELINE if a is None else f"{a:g}°"]
+            for d in ds:
+                for lb in report.labels:
+                    s = by.get((d, m, a, lb))
+                    cells.append(f"{s.share:.2f}" if s else "")
+            if any(cells[1:]):
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def short_text(report: VerdictReport, max_angles: int = 12) -> str:
+    """Console lines: per mode and dataset, the most common label at each angle."""
+    shares = report.shares
+    lines = [f"verdicts {report.name}: most common label (share) per angle"]
+    for mode in [m for m in MODE_ORDER if any(s.mode == m for s in shares)]:
+        for d in dict.fromkeys(s.dataset for s in shares):
+            cells: dict[float | None, LabelShare] = {}
+            for s in shares:
+                if s.dataset == d and s.mode == mode:
+                    best = cells.get(s.angle)
+                    if best is None or s.share > best.share:
+                        cells[s.angle] = s
+            angles = sorted(cells, key=lambda a: -1.0 if a is None else a)
+            step = max(1, math.ceil(len(angles) / max_angles))
+            shown = [
+                f"{'base' if a is None else f'{a:g}°'} {cells[a].label} {cells[a].share:.2f}"
+                for a in angles[::step]
+            ]
+            lines.append(f"  {mode} {d}: " + "; ".join(shown))
+    return "\n".join(lines)
+
+
+def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
+    """One panel per (mode, dataset), one line per label; baselines as dashed circles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = report.shares
+    modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
+    ds = list(dict.fromkeys(s.dataset for s in shares))
+    panels = [(m, d) for m in modes or [BASELINE] for d in ds]
+    fig, axes = plt.subplots(
+        len(modes or [BASELINE]),
+        len(ds),
+        subplot_kw={"projection": "polar"},
+        figsize=(4.6 * len(ds), 5.0 * len(modes or [BASELINE]) + 0.8),
+        squeeze=False,
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    circle = [2 * math.pi * i / 360 for i in range(361)]
+    for ax, (mode, d) in zip(axes.flat, panels, strict=True):
+        for i, lb in enumerate(report.labels):
+            colour = colours[i % len(colours)]
+            pts = sorted(
+                (s.angle, s.share)
+                for s in shares
+                if s.dataset == d and s.mode == mode and s.label == lb and s.angle is not None
+            )
+            if pts:
+                theta = [math.radians(a) for a, _ in pts]
+                val = [v for _, v in pts]
+                if len(pts) >= 3:
+                    theta.append(theta[0] + 2 * math.pi)
+                    val.append(val[0])
+                ax.plot(theta, val, "-o", color=colour, markersize=2.5, linewidth=1.5, label=lb)
+            base = next(
+                (s for s in shares if s.dataset == d and s.mode == BASELINE and s.label == lb),
+                None,
+            )
+            if base is not None and base.share > 0:
+                ax.plot(circle, [base.share] * len(circle), "--", color=colour, linewidth=0.8)
+        ax.set_ylim(0, 1.05)
+        ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+        ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
+        ax.set_title(f"{d}, {mode}" if mode != BASELINE else f"{d}, baseline", pad=12, fontsize=10)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    note = "dashed: unsteered share" + (f"; {report.rule}" if report.rule else "")
+    fig.suptitle(f"{title}\n{note}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.93), h_pad=4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def examples_markdown(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence[str]) -> str:
+    """Up to EXAMPLES_PER_CELL generations per (label, mode, angle region), first by row key."""
+    by_key = dict(
+        zip(
+            verdicts.column("row_key").to_pylist(),
+            verdicts.column("label").to_pylist(),
+            strict=True,
+        )
+    )
+    picked: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    keyed = sorted(zip(row_keys(rows), rows.to_pylist(), strict=True), key=lambda kr: kr[0])
+    for key, r in keyed:
+        label = by_key.get(key)
+        if label is None:
+            continue
+        cell = picked[(label, mode_of(r["angle"], r["adaptive"]), region_of(r["angle"]))]
+        if len(cell) < EXAMPLES_PER_CELL:
+            cell.append(r)
+    out = [f"# Example generations per label: {name}", ""]
+    for lb in labels:
+        out += [f"## {lb}", ""]
+        cells = sorted((k, v) for k, v in picked.items() if k[0] == lb)
+        if not cells:
+            out += ["(no row got this label)", ""]
+        for (_, mode, region), rs in cells:
+            for r in rs:
+                angle = "baseline" if r["angle"] is None else f"{r['angle']:g}°"
+                text = r["generation"].replace("\n", " ").strip() or "(empty)"
+                out.append(
+                    f"- {mode}, {region} ({angle}, {r['dataset']}): "
+                    f"_{r['instruction']}_ → {text[:300]}"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
+def verdict_reports(
+    run_dir: Path, rows: pa.Table, out: Path, title: str
+) -> tuple[list[VerdictReport], list[str]]:
+    """Every verdict table of the run, reported; (reports, warnings for tables left out)."""
+    reports, warnings = [], []
+    for name in verdict_tables(run_dir):
+        try:
+            verdicts = read_verdicts(run_dir, name, rows=rows)
+        except RunDirError as e:
+            warnings.append(f"verdict table {name} left out: {e}")
+            continue
+        vm = read_verdict_manifest(run_dir, name) or {}
+        labels = tuple((vm.get("rubric") or {}).get("labels") or ())
+        if not labels or verdicts.num_rows == 0:
+            warnings.append(f"verdict table {name} left out: no labels or no verdicts yet")
+            continue
+        rep = VerdictReport(
+            name=name,
+            labels=labels,
+            shares=label_shares(name, rows, verdicts, labels),
+            plot_path=out / f"verdicts_{name}_polar.png",
+            examples_path=out / f"verdicts_{name}_examples.md",
+            rule=(vm.get("rules") or {}).get("short_response"),
+            truncated=sum(verdicts.column("truncated").to_pylist()),
+        )
+        polar_plot(rep, rep.plot_path, f"{name} by angle — {title}")
+        rep.examples_path.write_text(examples_markdown(name, rows, verdicts, labels))
+        reports.append(rep)
+    return reports, warnings
