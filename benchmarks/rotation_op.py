@@ -118,6 +118,22 @@ def check_same_semantics(fn: Fn, tokens: int = 512, hidden: int = 896) -> dict[s
     return out
 
 
+def _alternating_medians(
+    calls: dict[str, Any], rounds: int, block_seconds: float
+) -> dict[str, float]:
+    """Median seconds per call of each contender: two warm-up calls each, then rounds in
+    alternating order (A B, then B A) so that machine drift cancels."""
+    for fn in calls.values():
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            times[name].append(_median_call(calls[name], 3, block_seconds))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _median_call(fn: Callable[[], Any], min_calls: int, min_seconds: float) -> float:
     """Median seconds of individually timed calls (at least min_calls, about min_seconds)."""
     times = []
@@ -248,15 +264,7 @@ def measure_in_graph(
         h, basis, table = make_inputs(tokens, hidden, dtype)
         weight = torch.ones(hidden)
         calls = {name: partial(fn, h, weight, basis, table, sites) for name, fn in fns.items()}
-        for fn in calls.values():
-            fn()
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        names = list(calls)
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else reversed(names):
-                times[name].append(_median_call(calls[name], 3, block_seconds))
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        med = _alternating_medians(calls, rounds, block_seconds)
         base = med["norms_only"]
         row = {
             "tokens": tokens,
@@ -325,15 +333,7 @@ def measure_planes_in_graph(
                 weight,
                 (bases, table, onehot, gate),
             )
-        for fn in calls.values():
-            fn()
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        names = list(calls)
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else reversed(names):
-                times[name].append(_median_call(calls[name], 3, block_seconds))
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        med = _alternating_medians(calls, rounds, block_seconds)
         base = med["norms_only"]
         per_site = {k: (v - base) / sites * 1e6 for k, v in med.items() if k != "norms_only"}
         row = {
