@@ -21,6 +21,7 @@ SECTION_TITLES = {  # in the order the runner runs them
     "steer": "## 1. Steering overhead",
     "distinct": "## 3. Distinct angles do not cost",
     "grid": "## 2. Grid throughput",
+    "coherence": "## 6. Coherence and the start-up canary",
 }
 SECTION_METRICS = {
     "steer": ("steer_overhead_ratio",),
@@ -28,6 +29,7 @@ SECTION_METRICS = {
     "distinct": ("distinct_angles_ratio",),
     "rotation": ("rotation_vs_copy",),
     "extract": ("extract_prompts_per_s",),
+    "coherence": ("coherence_throughput_ratio", "canary_s"),
 }
 DEFAULT_INTERPRETATION = (
     "_No interpretation written yet. Write it between the markers; `python jobs/bench.py` "
@@ -129,6 +131,29 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             met("rotation_vs_copy"),
         )
     )
+    co = d.get("coherence", {})
+    if co:
+        rows.append(
+            (
+                "`coherence_throughput_ratio`",
+                f"grid shard ({co['requests']} mixed-angle requests x {co['max_tokens']} tokens) "
+                "with its nll/perplexity columns (one more batch of unsteered prefills) / "
+                "without; the grid's default",
+                _f(doc.get("coherence_throughput_ratio"), ".3f"),
+                "-",
+                "-",
+            )
+        )
+        rows.append(
+            (
+                "`canary_s`",
+                f"start-up canary on the same engine, median of {co['canary_runs']} runs "
+                f"(engine start: {_f(co.get('engine_start_s'), '.1f')} s)",
+                _f(doc.get("canary_s"), ".2f"),
+                "<= 2",
+                met("canary_s"),
+            )
+        )
     ex = d.get("extract", {})
     rows.append(
         (
@@ -475,6 +500,26 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
                     f"{g['norm_us_per_site']:.1f} | {g['rotate_us_per_site']:.1f} | "
                     f"{g['rotate_matmul_us_per_site']:.1f} |"
                 )
+    co = d.get("coherence")
+    if co:
+        out += [
+            "",
+            "## 6. Coherence and the start-up canary",
+            "",
+            *_partial_lines(doc, "coherence"),
+            f"One grid shard, {co['requests']} requests at distinct angles x {co['max_tokens']} "
+            f"tokens, on the rotserve engine, {co['rounds']} rounds: generation alone vs "
+            "generation plus coherence (each generation re-read by the unsteered model as one "
+            "batch of prefills, vLLM prompt log-probs). Throughput keeps "
+            f"{co['ratio']:.3f} of itself, i.e. coherence adds "
+            f"{(1 / co['ratio'] - 1) * 100:.0f}% to a shard's wall time. Per-round ratios: "
+            f"{', '.join(f'{x:.3f}' for x in co['paired_ratios'])}." + _noise_line(co),
+            "",
+            f"The start-up canary (three tiny calls: a mixed batch, each request alone, the "
+            f"steered and unsteered re-runs), {co['canary_runs']} runs on the same engine: "
+            f"median {co['canary_s']:.2f} s, max {co['canary_max_s']:.2f} s, against an "
+            f"engine start of {_f(co.get('engine_start_s'), '.1f')} s.",
+        ]
     ex = d.get("extract")
     if ex:
         out += [

@@ -32,6 +32,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "grid_speedup": (">=", 10.0),
     "distinct_angles_ratio": (">=", 0.98),
     "rotation_vs_copy": ("<=", 2.0),
+    "canary_s": ("<=", 2.0),
 }
 # A round during which other processes used more than this many cores is run again.
 MAX_EXTERNAL_CORES = 0.3
@@ -43,6 +44,8 @@ TOP_LEVEL = (
     "distinct_angles_ratio",
     "rotation_vs_copy",
     "extract_prompts_per_s",
+    "coherence_throughput_ratio",
+    "canary_s",
     "device",
 )
 
@@ -106,6 +109,7 @@ class BenchSettings:
     extract_batch_size: int = 16
     # The first is the headline (the CLI default, float32); bfloat16 shows what AVX512-BF16 buys.
     extract_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    canary_runs: int = 5
     sections: tuple[str, ...] = SECTIONS
 
     @classmethod
@@ -429,6 +433,55 @@ def run_distinct(ctx: Context, engines: dict[str, Any]) -> None:
     }
 
 
+def run_coherence(ctx: Context, engines: dict[str, Any]) -> None:
+    """What the grid's default coherence columns cost a shard, and what the canary costs."""
+    import statistics
+
+    from rotserve.canary import llm_executor, run_canary
+
+    s = ctx.settings
+    rot = engines["rotserve"]
+    n = s.distinct_requests
+    instr, angles = _instructions(n), _angles(n)
+    ctx.log(f"coherence: {n} requests x {s.distinct_tokens} tokens, with and without scoring")
+
+    def with_coherence() -> int:
+        out = rot.completions(instr, angles, s.distinct_tokens)
+        rot.engine.continuation_logprobs(
+            [c.prompt_token_ids for c in out], [c.token_ids for c in out]
+        )
+        return sum(c.output_tokens for c in out)
+
+    rounds = alternate(
+        {
+            "with_coherence": with_coherence,
+            "generation": lambda: rot.generate(instr, angles, s.distinct_tokens),
+        },
+        s.distinct_rounds,
+        s.warmup,
+        _round_logger(ctx, "coherence"),
+        settle_s=s.settle_s,
+        max_external=MAX_EXTERNAL_CORES,
+        max_retries=s.distinct_rounds,
+    )
+    engine = rot.engine
+    canary = [
+        run_canary(llm_executor(engine.llm), engine.vllm_config) for _ in range(s.canary_runs)
+    ]
+    assert all(c.ok for c in canary), [c.failures() for c in canary]
+    seconds = [c.seconds for c in canary]
+    ctx.details["coherence"] = {
+        "requests": n,
+        "max_tokens": s.distinct_tokens,
+        "rounds": s.distinct_rounds,
+        **_summarise(rounds, "with_coherence", "generation"),
+        "canary_runs": len(seconds),
+        "canary_s": statistics.median(seconds),
+        "canary_max_s": max(seconds),
+        "engine_start_s": ctx.details.get("engines", {}).get("start_s", {}).get("rotserve"),
+    }
+
+
 def _grid_requests(instr: list[str], angles: list[float]) -> tuple[list[str], list[float]]:
     """Every (prompt, angle) pair of a grid as one request, angle-major."""
     return [t for _ in angles for t in instr], [a for a in angles for _ in instr]
@@ -734,12 +787,14 @@ def run_bench(
     ctx.load["before_engines"] = loadavg()
     engines: dict[str, Any] = {}
     try:
-        if sections & {"steer", "distinct"}:
+        if sections & {"steer", "distinct", "coherence"}:
             engines = _start_engines(ctx, settings.model, stock="steer" in sections)
             if "steer" in sections:
                 run_steer(ctx, engines)
             if "distinct" in sections:
                 run_distinct(ctx, engines)
+            if "coherence" in sections:
+                run_coherence(ctx, engines)
         if "grid" in sections:
             if settings.grid_model != settings.model or "rotserve" not in engines:
                 for e in engines.values():
@@ -761,6 +816,8 @@ def run_bench(
         "distinct_angles_ratio": d.get("distinct_angles", {}).get("ratio"),
         "rotation_vs_copy": d.get("rotation_op", {}).get("rotation_vs_copy"),
         "extract_prompts_per_s": d.get("extract", {}).get("prompts_per_s"),
+        "coherence_throughput_ratio": d.get("coherence", {}).get("ratio"),
+        "canary_s": d.get("coherence", {}).get("canary_s"),
         "device": device_label(mach),
     }
     doc.update(

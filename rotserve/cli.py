@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("rotserve.grid.cli", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
     "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
     "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
+    "selftest": ("rotserve.selftest", "prove steering is live and right on this stack (run first)"),
     "convert-gguf": ("rotserve.convert", "dequantise a GGUF model file into an HF model directory"),
 }
 

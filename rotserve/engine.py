@@ -10,7 +10,9 @@ variant, the plane loads and matches the model's hidden size, layers and sites e
 every prompt is validated and cast to a plain float before it crosses into the engine
 process (numpy scalars do not survive vLLM's inter-process serialisation), and each steered
 prompt gets a prefix-cache salt per (plane, angle, mode), so KV computed under one rotation
-is never reused under another.
+is never reused under another. Once vLLM is up, a steered engine runs the start-up canary
+(rotserve.canary: prefill and decode steered, a mixed batch equal to requests alone) and
+refuses to serve if it fails.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rotserve.canary import CanaryReport, llm_executor, run_canary
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
 from rotserve.steering import SteeringSetup, prepare_steering
@@ -49,6 +53,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str | None
     logprobs: tuple[float, ...] | None = None  # of each generated token, when asked for
+    prompt_token_ids: tuple[int, ...] = ()
     plane: str | None = None  # the plane's name on this engine; None = unsteered
     plane_id: str | None = None
     layers: tuple[int, ...] = ()  # the steered layers (absolute); () = unsteered
@@ -69,6 +74,7 @@ class RotServeEngine:
         layers: Sequence[int] | None = None,
         sites: Sequence[str] | None = None,
         enable_prefix_caching: bool = True,
+        canary: bool = True,
         *,
         planes: Mapping[str, str | Path] | None = None,
         max_planes: int | None = None,
@@ -110,6 +116,16 @@ class RotServeEngine:
             **llm_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.canary: CanaryReport | None = None
+        if self.setup is not None and canary:
+            self.canary = run_canary(llm_executor(self.llm), self.vllm_config)
+            if not self.canary.ok:
+                self.close()
+                self.canary.raise_if_failed()
+
+    @property
+    def vllm_config(self) -> Any:
+        return self.llm.llm_engine.vllm_config
 
     @property
     def plane(self) -> Plane | None:
@@ -215,6 +231,7 @@ class RotServeEngine:
                         generation=comp.text,
                         token_ids=tuple(comp.token_ids),
                         prompt_tokens=len(out.prompt_token_ids or []),
+                        prompt_token_ids=tuple(out.prompt_token_ids or ()),
                         finish_reason=comp.finish_reason,
                         logprobs=_chosen_logprobs(comp) if logprobs else None,
                         plane=None if res is None else self._plane_name(res.plane),
@@ -223,6 +240,57 @@ class RotServeEngine:
                     )
                 )
         return completions
+
+    def continuation_logprobs(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        continuation_token_ids: Sequence[Sequence[int]],
+        angles: Sequence[float | None] | None = None,
+        adaptive: bool = False,
+        mode: str = "absolute",
+    ) -> list[tuple[float, ...]]:
+        """Log-prob of each continuation token given the prompt and the tokens before it.
+
+        Teacher-forced in one batch of prefills (vLLM's prompt log-probs over prompt +
+        continuation); angles None = the unsteered model, which is how coherence scores a
+        steered generation. Each request gets a fresh prefix-cache salt: log-probs are computed,
+        never read back from another request's cache.
+        """
+        from vllm import SamplingParams
+
+        n = len(prompt_token_ids)
+        if len(continuation_token_ids) != n:
+            raise ValueError(f"{n} prompts but {len(continuation_token_ids)} continuations")
+        angles = list(angles) if angles is not None else [None] * n
+        if len(angles) != n:
+            raise ValueError(f"{n} prompts but {len(angles)} angles")
+        salt = uuid.uuid4().hex
+        prompts, params, todo = [], [], []
+        for i, (prompt, cont, angle) in enumerate(
+            zip(prompt_token_ids, continuation_token_ids, angles, strict=True)
+        ):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: a continuation needs a prompt")
+            if not cont:
+                continue  # nothing to score
+            steering = self._steering(angle, adaptive, mode, i)
+            todo.append(i)
+            prompts.append({"prompt_token_ids": [*prompt, *cont], "cache_salt": f"{salt}-{i}"})
+            params.append(
+                SamplingParams(
+                    max_tokens=1,
+                    prompt_logprobs=0,
+                    extra_args=steering.as_extra_args() if steering.active else None,
+                )
+            )
+        scores: list[tuple[float, ...]] = [()] * n
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        for i, out in zip(todo, outputs, strict=True):
+            ids = out.prompt_token_ids
+            start = len(prompt_token_ids[i])
+            steps = list(out.prompt_logprobs)
+            scores[i] = tuple(steps[t][ids[t]].logprob for t in range(start, len(ids)))
+        return scores
 
     def _steering(
         self,

@@ -13,6 +13,11 @@ Two things an OpenAI client cannot be trusted (or is not able) to do itself:
    `MODEL@none`. The suffix becomes the same `vllm_xargs` keys a client could send, and the
    model name goes on to vLLM without it; a malformed suffix is an HTTP 400 naming the grammar.
 
+3. **The start-up canary** (rotserve.canary) on the server's own engine: when the app's
+   lifespan reports start-up complete, the middleware first probes the engine (prefill and
+   decode steered, a mixed batch equal to requests alone); if that fails it reports start-up
+   failed instead, so uvicorn exits before serving a single wrong completion.
+
 `SteeringMiddleware` is a plain ASGI middleware, given to vLLM's server with `--middleware`; it
 reads the plane id from ROTSERVE_PLANE_ID, which `rotserve serve` sets. The rewriting itself
 (`steer_request`) is a pure function of the JSON body, tested without a server.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -164,6 +170,8 @@ class SteeringMiddleware:
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, _canary_before_startup(scope, send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope["method"] == "POST" and scope["path"] in STEERED_PATHS:
@@ -196,6 +204,36 @@ class SteeringMiddleware:
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _canary_before_startup(scope: Scope, send: Send) -> Send:
+    """A lifespan send that runs the canary before it lets "startup complete" through."""
+
+    async def send_after_canary(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            from rotserve.canary import CanaryError, async_executor, run_canary_async
+
+            log = logging.getLogger("uvicorn.error")  # uvicorn's configured logger
+            state = scope["app"].state  # Starlette puts the app in every scope
+            try:
+                report = await run_canary_async(
+                    async_executor(state.engine_client), state.vllm_config
+                )
+                report.raise_if_failed()
+            except Exception as e:  # a canary that cannot even run is a failure too
+                reason = str(e) if isinstance(e, CanaryError) else f"{type(e).__name__}: {e}"
+                log.error("rotserve: %s", reason)
+                message = {"type": "lifespan.startup.failed", "message": reason}
+            else:
+                log.info(
+                    "rotserve: canary passed in %.2f s (%s): prefill and decode steered, "
+                    "a mixed batch equals requests alone",
+                    report.seconds,
+                    report.describe_stack(),
+                )
+        await send(message)
+
+    return send_after_canary
 
 
 async def _read_body(receive: Receive) -> bytes:

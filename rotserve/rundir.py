@@ -64,6 +64,8 @@ SCHEMA = pa.schema(
         pa.field("refusal", pa.bool_(), nullable=False),
         pa.field("refusal_marker", pa.string(), nullable=True),
         pa.field("fluency", pa.float64(), nullable=False),
+        pa.field("nll", pa.float64(), nullable=True),  # per token, under the unsteered model
+        pa.field("perplexity", pa.float64(), nullable=True),  # exp(nll)
     ],
     metadata={"rotserve.schema": FORMAT},
 )

@@ -100,12 +100,14 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         "grid_speedup",
         "distinct_angles_ratio",
         "rotation_vs_copy",
+        "canary_s",
     }
     d = saved["details"]
     for section, pair in (
         ("steer_overhead", ("rotserve", "stock")),
         ("distinct_angles", ("distinct", "shared")),
         ("grid", ("rotserve", "hf", "vllm_hooks")),
+        ("coherence", ("with_coherence", "generation")),
     ):
         for name in pair:
             assert d[section][name]["median_rate"] > 0
@@ -117,6 +119,9 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
         == d["steer_overhead"]["stock"]["work_per_run"]
     )
     assert d["grid"]["rotserve"]["work_per_run"] == d["grid"]["tokens_per_grid"]
+    co = d["coherence"]
+    assert co["with_coherence"]["work_per_run"] == co["generation"]["work_per_run"]
+    assert 0 < co["canary_s"] <= co["canary_max_s"]
     assert d["grid"]["hf"]["work_per_run"] == d["grid"]["tokens_per_grid"]
     # The stock-vLLM-hooks contender: every prompt count, equal work, and the same tokens as
     # rotserve in float32 (the runner fails under the threshold; steering must change some).

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -131,6 +132,9 @@ class FlakyEngine:
             for i, a, f in zip(instructions, angles, adaptive, strict=True)
             for k in range(n)
         ]
+
+    def continuation_logprobs(self, prompts, continuations):
+        return [tuple(-1.0 for _ in c) for c in continuations]
 
     def close(self) -> None:
         pass
@@ -247,7 +251,17 @@ def test_manifest_records_inputs_versions_and_counts(clean_run, grid_inputs):
     attempt = m["attempts"][-1]
     assert attempt["shards_written"] == N_SHARDS and attempt["engines"] == 1
     assert attempt["engine_info"][0]["cpu_bind"] == "0"
+    canary = attempt["engine_info"][0]["canary"]  # every grid engine proved steering at start
+    assert canary["runner"] == "V1" and canary["seconds"] > 0
     assert {"ray_start_s", "generate_s", "total_s"} <= set(m["timings"])
+
+
+def test_every_row_has_its_coherence_under_the_unsteered_model(clean_run):
+    table = pd.read_parquet(clean_run.rows_dir)
+    scored = table[table.output_tokens > 0]
+    assert len(scored) and scored.nll.notna().all() and (scored.nll > 0).all()
+    assert np.allclose(scored.perplexity, np.exp(scored.nll))
+    assert table[table.output_tokens == 0].nll.isna().all()
 
 
 def test_readers_and_report(clean_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def row(ds: str, angle: float | None, adaptive: bool, refused: bool, i: int) -> 
         "refusal": refused,
         "refusal_marker": "I'm sorry" if refused else None,
         "fluency": 0.5 if refused else 1.0,
+        "nll": 1.0 if refused else 2.0,
+        "perplexity": math.exp(1.0 if refused else 2.0),
     }
 
 
@@ -76,6 +79,8 @@ def test_summarize_per_dataset_mode_angle():
     assert by[("harmful", "plain", 30.0)].refusal_rate == 0.75
     assert by[("harmful", "plain", 180.0)].refusal_rate == 0.0
     assert by[("harmful", "plain", 180.0)].mean_fluency == 1.0
+    assert by[("harmful", "plain", 30.0)].mean_nll == (3 * 1.0 + 2.0) / 4
+    assert by[("harmful", "plain", 30.0)].perplexity == pytest.approx(math.exp(1.25))
     assert by[("harmless", "plain", 0.0)].refusal_rate == 1.0
     assert by[("harmless", "adaptive", 0.0)].refusal_rate == 0.0
 
@@ -104,10 +109,12 @@ def test_make_report_writes_csv_markdown_plot(run_dir):
         "refusal_rate": "1.0000",
         "mean_output_tokens": "2.0000",
         "mean_fluency": "0.5000",
+        "mean_nll": "1.0000",
+        "perplexity": f"{math.e:.4f}",
     }
     md = rep.markdown_path.read_text()
     assert "## plain mode" in md and "## adaptive mode" in md
-    assert "| baseline | 1.00 | 0.50 | 2.0 | 0.00 | 1.00 | 5.0 |" in md
+    assert "| baseline | 1.00 | 0.50 | 1.00 | 2.0 | 0.00 | 1.00 | 2.00 | 5.0 |" in md
     png = rep.plot_path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = rep.short_text()

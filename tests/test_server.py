@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, free_port, require_vllm, wait_for_health
@@ -26,13 +27,11 @@ MAX_TOKENS = 24
 STARTUP_TIMEOUT_S = 420  # engine start is 15 s on an idle 2-core box, minutes on a busy one
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen2, tiny_plane, tmp_path_factory):
-    """(base_url, model name) of a running `vllm serve` with the rotated Qwen2."""
-    port = free_port()
-    # The command `rotserve serve` would exec: its checks, its --hf-overrides and tracker.
+def launch_server(model, plane, port: int, log_path, extra_env=None) -> subprocess.Popen:
+    """The command `rotserve serve` would exec (its checks, --hf-overrides, tracker and
+    middleware), started in its own process group, logging to log_path."""
     args = build_parser().parse_args(
-        ["--model", str(tiny_qwen2), "--plane", str(tiny_plane), "--port", str(port)]
+        ["--model", str(model), "--plane", str(plane), "--port", str(port)]
         + ["--dtype", ENGINE_KWARGS["dtype"]]
     )
     passthrough = ["--max-model-len", str(ENGINE_KWARGS["max_model_len"])]
@@ -41,15 +40,26 @@ def server(tiny_qwen2, tiny_plane, tmp_path_factory):
     cmd = command.argv
     # The tracker bound to this engine's catalog (planes and windows checked at admission).
     assert cmd[cmd.index("--logits-processors") + 1].startswith(TRACKER_FQCN + "__")
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, **command.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, **command.env, "VLLM_CPU_KVCACHE_SPACE": "1", **(extra_env or {})}
     env["TOKENIZERS_PARALLELISM"] = "false"
     with open(log_path, "w") as log:
         # Own process group, so the teardown stops the server and its engine processes,
         # and nothing else.
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+
+
+SERVER_LOG: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen2, tiny_plane, tmp_path_factory):
+    """(base_url, model name) of a running `vllm serve` with the rotated Qwen2."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    SERVER_LOG["path"] = log_path
+    proc = launch_server(tiny_qwen2, tiny_plane, port, log_path)
     try:
         try:
             wait_for_health(f"http://127.0.0.1:{port}/health", STARTUP_TIMEOUT_S, proc)
@@ -294,3 +304,63 @@ def test_load_random_steerings_concurrently_each_equal_to_the_request_alone(serv
     assert not mismatched, f"{len(mismatched)} of {len(wave)} differ from the request alone"
     prompt, _, xargs = configs[0]
     assert _complete(client, model, prompt, xargs) == alone[0]  # still serving
+
+
+def test_the_server_proved_steering_with_the_canary_before_serving(server):
+    log = SERVER_LOG["path"].read_text()
+    assert "rotserve: canary passed" in log
+    assert "prefill and decode steered" in log and "runner V1" in log
+
+
+# A sitecustomize for the server's processes: rotserve's model class, once imported, resets the
+# per-token table on every pure decode step (what a CUDA-graph replay without the table update
+# does on a GPU, which this machine does not have).
+DECODE_FAULT = """
+import importlib.abc, importlib.util, sys
+
+class _Fault(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "rotserve.vllm_plugin.models":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            mixin = module.RotServeCausalLMMixin
+            refresh = mixin._refresh_rotation_v1
+
+            def decode_unsteered(self, num_tokens):
+                refresh(self, num_tokens)
+                if num_tokens == self._rotserve_tracker.batch_size:
+                    self.rotation.set_identity(num_tokens)
+
+            mixin._refresh_rotation_v1 = decode_unsteered
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Fault())
+"""
+
+
+def test_a_server_whose_decode_runs_unsteered_refuses_to_start_emulated_cuda_graph_fault(
+    tiny_qwen2, tiny_plane, tmp_path
+):
+    """Costs one server start (~30 s): the canary fails, uvicorn reports start-up failed and
+    the server exits without ever answering /health."""
+    (tmp_path / "sitecustomize.py").write_text(DECODE_FAULT)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    log_path = tmp_path / "server.log"
+    port = free_port()
+    proc = launch_server(tiny_qwen2, tiny_plane, port, log_path, {"PYTHONPATH": path})
+    try:
+        with pytest.raises(RuntimeError, match="server exited"):
+            wait_for_health(f"http://127.0.0.1:{port}/health", STARTUP_TIMEOUT_S, proc)
+    finally:
+        _stop(proc)
+    log = log_path.read_text()
+    assert "rotserve canary failed" in log, log[-3000:]
+    assert "decode is steered" in log and "runner V1" in log
+    assert proc.returncode != 0

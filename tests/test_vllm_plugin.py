@@ -333,6 +333,25 @@ def test_mixed_batch_equals_one_by_one(engine):
     assert rel[1].token_ids != ref[1].token_ids
 
 
+def test_continuation_logprobs_are_the_decode_logprobs_and_rank_garbled_text_worse(engine):
+    """Coherence's scorer: teacher-forced log-probs of the model's own greedy tokens equal the
+    ones decode produced; a garbled copy of the same tokens scores a worse NLL."""
+    from rotserve.scoring import coherence
+
+    (greedy,) = engine.generate(INSTRUCTIONS[:1], [None], max_tokens=16, logprobs=True)
+    garbled = tuple(reversed(greedy.token_ids))
+    own, bad = engine.continuation_logprobs(
+        [greedy.prompt_token_ids] * 2, [greedy.token_ids, garbled]
+    )
+    assert max_abs_diff(own, greedy.logprobs) < LOGPROB_TOL and len(own) == 16
+    assert coherence(own)[0] < coherence(bad)[0]
+    # Steered scoring scores under the steering: 210 degrees moves the log-probs.
+    (steered,) = engine.continuation_logprobs(
+        [greedy.prompt_token_ids], [greedy.token_ids], angles=[210.0]
+    )
+    assert max_abs_diff(steered, own) > 10 * LOGPROB_TOL
+
+
 def test_numpy_angles_are_cast_before_crossing_processes(engine):
     plain = engine.generate(INSTRUCTIONS[:3], [90.0, 210.0, 0.0], max_tokens=12)
     numpy = engine.generate(

@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per (prompt, angle); only useful with --temperature > 0",
     )
     g.add_argument(
+        "--no-coherence",
+        dest="coherence",
+        action="store_false",
+        help="skip the nll/perplexity columns (each generation scored by the unsteered model "
+        "in one extra batch of prefills per shard)",
+    )
+    g.add_argument(
         "--dtype",
         choices=DTYPES,
         default=d.dtype,
@@ -294,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
         temperature=args.temperature,
         seed=args.seed,
         samples_per_prompt=args.samples_per_prompt,
+        coherence=args.coherence,
         dtype=args.dtype,
         enforce_eager=args.enforce_eager,
         shard_size=args.shard_size,

@@ -148,6 +148,7 @@ class GridConfig:
     temperature: float = 0.0
     seed: int = 0
     samples_per_prompt: int = 1
+    coherence: bool = True  # nll/perplexity of every generation under the unsteered model
     dtype: str = "auto"
     enforce_eager: bool = False  # no torch.compile / CUDA graphs: faster start, slower steps
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -254,6 +255,7 @@ def run_identity(
         "temperature": config.temperature,
         "seed": config.seed,
         "samples_per_prompt": config.samples_per_prompt,
+        "coherence": config.coherence,
         "dtype": config.dtype,
         # compiled and eager kernels may round differently: a resume must not mix them
         "enforce_eager": config.enforce_eager,

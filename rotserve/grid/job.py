@@ -199,6 +199,7 @@ def _run_pending(
             temperature=float(c.temperature),
             seed=c.seed,
             samples=c.samples_per_prompt,
+            coherence=c.coherence,
             selective=dict(resolved.selective),
         )
         bar = tqdm(

@@ -45,7 +45,7 @@ import pyarrow as pa
 from rotserve.grid.plan import GridPlan, Shard, WorkUnit
 from rotserve.grid.store import RunStore
 from rotserve.rundir import to_table
-from rotserve.scoring import fluency, is_refusal
+from rotserve.scoring import coherence, fluency, is_refusal
 
 if TYPE_CHECKING:
     from rotserve.engine import Completion
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 # Shards queued per engine: one generating, one waiting, so an engine never idles while the
 # driver receives and writes the previous shard.
 DEPTH = 2
+# What the manifest records of every engine (canary: its start-up check, see rotserve.canary).
+ENGINE_INFO_KEYS = ("slot", "node", "host", "pid", "startup_s", "cpu_bind", "canary")
 # A shard whose engine raised (not died) this many times is a bug, not bad luck: stop.
 MAX_SHARD_ERRORS = 2
 
@@ -91,6 +93,7 @@ class RowContext:
     temperature: float
     seed: int
     samples: int
+    coherence: bool = True  # score every generation under the unsteered model (nll column)
     # The "selective" window's layers per plane name (canonical list), for sweeps that use it.
     selective: dict[str, str] = field(default_factory=dict)
 
@@ -110,6 +113,12 @@ class GridEngine(Protocol):
         n: int,
         chat: bool,
     ) -> list[Completion]: ...
+
+    def continuation_logprobs(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        continuation_token_ids: Sequence[Sequence[int]],
+    ) -> list[tuple[float, ...]]: ...
 
     def close(self) -> None: ...
 
@@ -188,13 +197,22 @@ def generate_shard(engine: GridEngine, shard: Shard, ctx: RowContext) -> list[di
         chat=True,
         **sweep,
     )
-    return shard_rows(units, completions, ctx)
+    scores = None
+    if ctx.coherence:  # one more batch of prefills, unsteered: what the stock model makes of it
+        scores = engine.continuation_logprobs(
+            [c.prompt_token_ids for c in completions], [c.token_ids for c in completions]
+        )
+    return shard_rows(units, completions, ctx, scores)
 
 
 def shard_rows(
-    units: tuple[WorkUnit, ...], completions: Sequence[Completion], ctx: RowContext
+    units: tuple[WorkUnit, ...],
+    completions: Sequence[Completion],
+    ctx: RowContext,
+    unsteered_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Pair completions with work units (n consecutive ones per unit) and score them."""
+    """Pair completions with work units (n consecutive ones per unit) and score them;
+    `unsteered_logprobs` (one per completion) fill the coherence columns."""
     n = ctx.samples
     if len(completions) != len(units) * n:
         raise GridRunError(
@@ -215,6 +233,11 @@ def shard_rows(
                 )
             text = rec.generation
             refused, marker = is_refusal(text)
+            nll, ppl = (
+                coherence(unsteered_logprobs[i * n + s])
+                if unsteered_logprobs is not None
+                else (None, None)
+            )
             rows.append(
                 {
                     "run_id": ctx.run_id,
@@ -241,6 +264,8 @@ def shard_rows(
                     "refusal": refused,
                     "refusal_marker": marker,
                     "fluency": fluency(text),
+                    "nll": nll,
+                    "perplexity": ppl,
                 }
             )
     return rows
@@ -271,6 +296,11 @@ class EngineWorker:
             "startup_s": round(time.perf_counter() - t0, 2),
             "cpu_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not spec.use_gpu else None,
         }
+        canary = getattr(
+            self.engine, "canary", None
+        )  # RotServeEngine refused to start if it failed
+        if canary is not None:
+            self.info["canary"] = {"seconds": round(canary.seconds, 3), **canary.stack}
 
     def run_shard(self, shard: Shard) -> tuple[str, pa.Table, dict[str, Any]]:
         t0 = time.perf_counter()
@@ -468,9 +498,7 @@ class FanOut:
         if not any(
             i["pid"] == info["pid"] and i["node"] == info["node"] for i in self.stats.engine_info
         ):
-            self.stats.engine_info.append(
-                {k: info[k] for k in ("slot", "node", "host", "pid", "startup_s", "cpu_bind")}
-            )
+            self.stats.engine_info.append({k: info.get(k) for k in ENGINE_INFO_KEYS})
         if self.on_rows:
             self.on_rows(table.num_rows, self.stats)
 

@@ -235,6 +235,36 @@ class HFRotatedGenerator:
             )
         return out
 
+    @torch.no_grad()
+    def continuation_logprobs(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        continuation_token_ids: Sequence[Sequence[int]],
+        angles: Sequence[float | None],
+        adaptive: bool | Sequence[bool] = False,
+    ) -> list[tuple[float, ...]]:
+        """Teacher-forced log-prob of each continuation token under its steering (the truth
+        that a half-precision engine's log-probs are compared with). One sequence per forward,
+        so no padding enters the comparison."""
+        flags = [adaptive] * len(angles) if isinstance(adaptive, bool) else list(adaptive)
+        if self.hooks is None and any(a is not None for a in angles):
+            raise ValueError("angles given but the generator has no plane")
+        device = next(self.model.parameters()).device
+        out = []
+        for prompt, cont, angle, flag in zip(
+            prompt_token_ids, continuation_token_ids, angles, flags, strict=True
+        ):
+            ids = torch.tensor([[*prompt, *cont]], device=device)
+            if self.hooks is not None:
+                with self.hooks.steering(angle_table([angle], adaptive=[flag])):
+                    logits = self.model(ids).logits
+            else:
+                logits = self.model(ids).logits
+            logps = logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            chosen = logps.gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
+            out.append(tuple(chosen.tolist()))
+        return out
+
     def _generate_batch(
         self,
         prompts: list[str],

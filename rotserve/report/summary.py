@@ -1,4 +1,4 @@
-"""Per-angle summary of a grid run: refusal rate, output length and fluency per condition.
+"""Per-angle summary of a grid run: refusal rate, output length, fluency and coherence per condition.
 
 Uses pyarrow and the standard library only (pandas is a dev extra, not a dependency).
 """
@@ -28,6 +28,8 @@ class SummaryRow:
     refusal_rate: float
     mean_output_tokens: float
     mean_fluency: float
+    mean_nll: float | None = None  # per token, under the unsteered model (rows that have it)
+    perplexity: float | None = None  # exp(mean_nll)
     # "PLANE [WINDOW]" of a plane/window sweep; "" for the baseline and for a run with one
     # plane steering every layer (whose report reads as before sweeps existed).
     setting: str = ""
@@ -62,22 +64,19 @@ def mode_of(angle: float | None, adaptive: bool) -> str:
 
 def summarize(table: pa.Table) -> list[SummaryRow]:
     """One SummaryRow per (dataset, mode, angle), datasets in first-seen order, baseline first."""
-    cols = {
-        name: table.column(name).to_pylist()
-        for name in ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency")
-    }
+    names = ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency", "nll")
+    cols = {name: table.column(name).to_pylist() for name in names}
     # Runs written before plane/window sweeps have neither column: one unnamed setting.
     n_rows = table.num_rows
     planes = table.column("plane").to_pylist() if "plane" in table.column_names else [None] * n_rows
     windows = (
         table.column("window").to_pylist() if "window" in table.column_names else [None] * n_rows
     )
-    acc: dict[tuple[str, str, str, float | None], list[float]] = defaultdict(
-        lambda: [0, 0.0, 0.0, 0.0]
-    )
+    # n, refusals, tokens, fluency, nll sum, rows with an nll
+    acc: dict[tuple[str, str, str, float | None], list[float]] = defaultdict(lambda: [0.0] * 6)
     order: list[str] = []
     setting_order: list[str] = []
-    for ds, angle, adaptive, refused, tokens, flu, plane, window in zip(
+    for ds, angle, adaptive, refused, tokens, flu, nll, plane, window in zip(
         *cols.values(), planes, windows, strict=True
     ):
         if ds not in order:
@@ -90,10 +89,16 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
         a[1] += bool(refused)
         a[2] += tokens
         a[3] += flu
-    rows = [
-        SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, setting)
-        for (ds, mode, setting, angle), (n, r, t, f) in acc.items()
-    ]
+        if nll is not None:
+            a[4] += nll
+            a[5] += 1
+    rows = []
+    for (ds, mode, setting, angle), (n, r, t, f, nll_sum, n_nll) in acc.items():
+        mean_nll = nll_sum / n_nll if n_nll else None
+        ppl = math.exp(min(mean_nll, 700.0)) if mean_nll is not None else None
+        rows.append(
+            SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, mean_nll, ppl, setting)
+        )
     rows.sort(
         key=lambda s: (
             order.index(s.dataset),
@@ -115,8 +120,14 @@ def write_csv(rows: Sequence[SummaryRow], path: Path) -> Path:
         for r in rows:
             d = asdict(r)
             d["angle"] = "" if r.angle is None else f"{r.angle:g}"
-            for k in ("refusal_rate", "mean_output_tokens", "mean_fluency"):
-                d[k] = f"{d[k]:.4f}"
+            for k in (
+                "refusal_rate",
+                "mean_output_tokens",
+                "mean_fluency",
+                "mean_nll",
+                "perplexity",
+            ):
+                d[k] = "" if d[k] is None else f"{d[k]:.4f}"
             w.writerow(d)
     return path
 
@@ -153,12 +164,16 @@ def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> 
     out = [f"{level} {title}", ""] if title else []
     sub = level + "#"
     out.append(
-        "Refusal rate (substring markers), mean fluency (0-1) and mean output tokens per dataset; "
-        "n = rows per cell: " + ", ".join(f"{d} {_n(rows, d)}" for d in ds) + "."
+        "Refusal rate (substring markers), mean fluency (0-1), mean NLL per token of the "
+        "generation under the unsteered model (nats; higher = less coherent) and mean output "
+        "tokens per dataset; n = rows per cell: "
+        + ", ".join(f"{d} {_n(rows, d)}" for d in ds)
+        + "."
     )
     for mode in modes(rows) or [BASELINE]:
         out += ["", f"{sub} {mode} mode" if mode != BASELINE else f"{sub} baseline only", ""]
-        header = ["angle"] + [f"{d} {k}" for d in ds for k in ("refusal", "fluency", "tokens")]
+        kinds = ("refusal", "fluency", "nll", "tokens")
+        header = ["angle"] + [f"{d} {k}" for d in ds for k in kinds]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---:"] * len(header)) + "|")
         angles = [None] + sorted({r.angle for r in rows if r.mode == mode and r.angle is not None})
@@ -170,10 +185,11 @@ def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> 
                     [
                         f"{r.refusal_rate:.2f}",
                         f"{r.mean_fluency:.2f}",
+                        "-" if r.mean_nll is None else f"{r.mean_nll:.2f}",
                         f"{r.mean_output_tokens:.1f}",
                     ]
                     if r
-                    else ["", "", ""]
+                    else ["", "", "", ""]
                 )
             if any(cells[1:]):
                 out.append("| " + " | ".join(cells) + " |")

