@@ -256,7 +256,7 @@ class HFRotatedGenerator:
         ):
             ids = torch.tensor([[*prompt, *cont]], device=device)
             if self.hooks is not None:
-                with self.hooks.steering(angle_table([angle], adaptive=[flag])):
+                with self.hooks.steering(self._table([angle], [flag])):
                     logits = self.model(ids).logits
             else:
                 logits = self.model(ids).logits
@@ -264,6 +264,36 @@ class HFRotatedGenerator:
             chosen = logps.gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
             out.append(tuple(chosen.tolist()))
         return out
+
+    def _table(
+        self,
+        angles: Sequence[float | None],
+        adaptive: Sequence[bool],
+        relative: Sequence[bool] | None = None,
+        planes: Sequence[str | None] | None = None,
+        windows: Sequence[Any] | None = None,
+    ) -> torch.Tensor:
+        """One row per sequence: the angle table, or with several planes the plugin's rows."""
+        if self.hooks is None or self.hooks.catalog is None:
+            return angle_table(
+                list(angles),
+                adaptive=list(adaptive),
+                relative=list(relative or [False] * len(angles)),
+            )
+        n = len(angles)
+        steerings = []
+        for a, ad, rel, p, w in zip(
+            angles, adaptive, relative or [False] * n, planes or [None] * n,
+            windows or [None] * n, strict=True,
+        ):  # fmt: skip
+            fields: dict[str, Any] = {"angle": a, "adaptive": ad}
+            fields["mode"] = "relative" if rel else "absolute"
+            if p is not None:
+                fields["plane"] = p
+            if w is not None:
+                fields["layers"] = w
+            steerings.append(parse_request({"rotserve": fields}))
+        return self.hooks.rows(steerings)
 
     def _generate_batch(
         self,
@@ -294,32 +324,7 @@ class HFRotatedGenerator:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        if self.hooks is not None and self.hooks.catalog is not None:
-            table = self.hooks.rows(
-                [
-                    parse_request(
-                        {
-                            "rotserve": {
-                                "angle": a,
-                                "adaptive": ad,
-                                "mode": "relative" if rel else "absolute",
-                                **({"plane": p} if p is not None else {}),
-                                **({"layers": w} if w is not None else {}),
-                            }
-                        }
-                    )
-                    for a, ad, rel, p, w in zip(
-                        angles,
-                        adaptive,
-                        relative or [False] * len(angles),
-                        planes or [None] * len(angles),
-                        windows or [None] * len(angles),
-                        strict=True,
-                    )
-                ]
-            )
-        else:
-            table = angle_table(angles, adaptive=adaptive, relative=relative or False)
+        table = self._table(angles, adaptive, relative, planes, windows)
         if self.hooks is not None:
             with self.hooks.steering(table):
                 res = self.model.generate(**enc, **kwargs)
