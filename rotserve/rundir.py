@@ -31,7 +31,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT = "rotserve-grid/1"
+FORMAT = "rotserve-grid/2"  # 2: plane, window, nll, perplexity, row_key
 MANIFEST = "manifest.json"
 ROWS_DIR = "rows"
 TMP_DIR = "_tmp"
