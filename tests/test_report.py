@@ -172,3 +172,26 @@ def test_a_plane_window_sweep_is_grouped_per_setting(tmp_path):
         "rand [all]",
         "rand [2:2]",
     }
+
+
+def test_verdict_shares_of_a_sweep_are_grouped_per_setting_too():
+    """The judge's label shares follow the same (plane, window) grouping as the summary: at one
+    angle, two settings whose rows got different labels stay apart."""
+    import pyarrow as pa
+
+    from rotserve.report.verdicts import label_shares
+    from rotserve.rundir import row_keys
+
+    rows = [{**row("harmless", None, False, False, 0), "plane": None, "window": None}]
+    for plane in ("toy", "rand"):
+        rows.append(
+            {**row("harmless", 0.0, False, plane == "toy", 0), "plane": plane, "window": "all"}
+        )
+    table = to_table(rows)
+    labels = ["direct", "refusal", "direct"]  # baseline, toy, rand
+    verdicts = pa.table({"row_key": row_keys(table), "label": labels})
+    shares = label_shares("j.behaviour", table, verdicts, ("direct", "refusal"))
+    by = {(s.setting, s.angle, s.label): s.share for s in shares}
+    assert by[("toy [all]", 0.0, "refusal")] == 1.0
+    assert by[("rand [all]", 0.0, "direct")] == 1.0
+    assert by[("", None, "direct")] == 1.0  # the baseline, shared by every setting

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rotserve.report.summary import BASELINE, MODE_ORDER, mode_of
+from rotserve.report.summary import BASELINE, MODE_ORDER, mode_of, setting_of
 from rotserve.rundir import (
     RunDirError,
     read_verdict_manifest,
@@ -40,6 +40,7 @@ class LabelShare:
     label: str
     n: int  # rows in the cell
     share: float  # of those rows, the share with this label
+    setting: str = ""  # "PLANE [WINDOW]" of a plane/window sweep (summary.setting_of)
 
 
 @dataclass(frozen=True)
@@ -69,38 +70,60 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
             strict=True,
         )
     )
-    cells: dict[tuple[str, str, float | None], dict[str, int]] = defaultdict(
+    cells: dict[tuple[str, str, str, float | None], dict[str, int]] = defaultdict(
         lambda: defaultdict(int)
     )
     order: list[str] = []
-    cols = [rows.column(c).to_pylist() for c in ("dataset", "angle", "adaptive")]
-    for key, ds, angle, adaptive in zip(row_keys(rows), *cols, strict=True):
+    settings: list[str] = []
+    cols = [rows.column(c).to_pylist() for c in ("dataset", "angle", "adaptive", "plane", "window")]
+    for key, ds, angle, adaptive, plane, window in zip(row_keys(rows), *cols, strict=True):
         if key not in by_key:
             continue  # a partial verdict table: only judged rows count
         if ds not in order:
             order.append(ds)
-        cells[(ds, mode_of(angle, adaptive), angle)][by_key[key]] += 1
+        setting = setting_of(angle, plane, window)
+        if setting not in settings:
+            settings.append(setting)
+        cells[(ds, mode_of(angle, adaptive), setting, angle)][by_key[key]] += 1
     out = []
-    for (ds, mode, angle), counts in sorted(
+    for (ds, mode, setting, angle), counts in sorted(
         cells.items(),
         key=lambda kv: (
             order.index(kv[0][0]),
             MODE_ORDER.index(kv[0][1]),
-            -1.0 if kv[0][2] is None else kv[0][2],
+            settings.index(kv[0][2]),
+            -1.0 if kv[0][3] is None else kv[0][3],
         ),
     ):
         n = sum(counts.values())
-        out += [LabelShare(name, ds, mode, angle, lb, n, counts.get(lb, 0) / n) for lb in labels]
+        out += [
+            LabelShare(name, ds, mode, angle, lb, n, counts.get(lb, 0) / n, setting)
+            for lb in labels
+        ]
     return out
 
 
+def steered_settings(shares: Sequence[LabelShare]) -> list[str]:
+    """The (plane, window) settings of a sweep in first-seen order; [""] for a plain run."""
+    return list(dict.fromkeys(s.setting for s in shares if s.mode != BASELINE)) or [""]
+
+
 def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
+    sweep = any(s.setting for s in shares)  # the setting column only where there is one
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["table", "dataset", "mode", "angle", "label", "n", "share"])
+        w.writerow(
+            ["table", "dataset", "mode", *(["setting"] if sweep else []), "angle"]
+            + [
+                "label",
+                "n",
+                "share",
+            ]
+        )
         for s in shares:
             angle = "" if s.angle is None else f"{s.angle:g}"
-            w.writerow([s.table, s.dataset, s.mode, angle, s.label, s.n, f"{s.share:.4f}"])
+            where = [s.setting] if sweep else []
+            w.writerow([s.table, s.dataset, s.mode, *where, angle, s.label, s.n, f"{s.share:.4f}"])
     return path
 
 
@@ -108,7 +131,7 @@ def shares_markdown(report: VerdictReport) -> str:
     """Per mode, a row per angle (baseline first), a column per dataset × label."""
     shares = report.shares
     ds = list(dict.fromkeys(s.dataset for s in shares))
-    by = {(s.dataset, s.mode, s.angle, s.label): s for s in shares}
+    by = {(s.dataset, s.mode, s.setting, s.angle, s.label): s for s in shares}
     out = [f"## verdicts {report.name}", ""]
     out.append("Share of each label per dataset and angle; n rows per cell as in summary.md.")
     if report.rule:
@@ -116,22 +139,28 @@ def shares_markdown(report: VerdictReport) -> str:
     if report.truncated:
         out.append(f"{report.truncated} generation(s) were cut to fit the judge's context.")
     modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
-    for mode in modes or [BASELINE]:
-        out += ["", f"### {mode} mode" if mode != BASELINE else "### baseline only", ""]
-        header = ["angle"] + [f"{d} {lb}" for d in ds for lb in report.labels]
-        out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
-        angles = [None] + sorted(
-            {s.angle for s in shares if s.mode == mode and s.angle is not None}
-        )
-        for a in angles:
-            m = BASELINE if a is None else mode
-            cells = [BASELINE if a is None else f"{a:g}°"]
-            for d in ds:
-                for lb in report.labels:
-                    s = by.get((d, m, a, lb))
-                    cells.append(f"{s.share:.2f}" if s else "")
-            if any(cells[1:]):
-                out.append("| " + " | ".join(cells) + " |")
+    for setting in steered_settings(shares):
+        for mode in modes or [BASELINE]:
+            where = f"{setting}, " if setting else ""
+            out += ["", f"### {where}{mode} mode" if mode != BASELINE else "### baseline only", ""]
+            header = ["angle"] + [f"{d} {lb}" for d in ds for lb in report.labels]
+            out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
+            angles = [None] + sorted(
+                {
+                    s.angle
+                    for s in shares
+                    if s.mode == mode and s.setting == setting and s.angle is not None
+                }
+            )
+            for a in angles:
+                key = (BASELINE, "") if a is None else (mode, setting)
+                cells = [BASELINE if a is None else f"{a:g}°"]
+                for d in ds:
+                    for lb in report.labels:
+                        s = by.get((d, *key, a, lb))
+                        cells.append(f"{s.share:.2f}" if s else "")
+                if any(cells[1:]):
+                    out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -139,11 +168,17 @@ def short_text(report: VerdictReport, max_angles: int = 12) -> str:
     """Console lines: per mode and dataset, the most common label at each angle."""
     shares = report.shares
     lines = [f"verdicts {report.name}: most common label (share) per angle"]
-    for mode in [m for m in MODE_ORDER if any(s.mode == m for s in shares)]:
+    groups = [(BASELINE, "")] + [
+        (m, st)
+        for st in steered_settings(shares)
+        for m in MODE_ORDER
+        if m != BASELINE and any(s.mode == m for s in shares)
+    ]
+    for mode, setting in groups:
         for d in dict.fromkeys(s.dataset for s in shares):
             cells: dict[float | None, LabelShare] = {}
             for s in shares:
-                if s.dataset == d and s.mode == mode:
+                if s.dataset == d and s.mode == mode and s.setting == setting:
                     best = cells.get(s.angle)
                     if best is None or s.share > best.share:
                         cells[s.angle] = s
@@ -153,7 +188,8 @@ def short_text(report: VerdictReport, max_angles: int = 12) -> str:
                 f"{'base' if a is None else f'{a:g}°'} {cells[a].label} {cells[a].share:.2f}"
                 for a in angles[::step]
             ]
-            lines.append(f"  {mode} {d}: " + "; ".join(shown))
+            if shown:
+                lines.append(f"  {mode}{f' {setting}' if setting else ''} {d}: " + "; ".join(shown))
     return "\n".join(lines)
 
 
@@ -167,23 +203,29 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
     shares = report.shares
     modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
     ds = list(dict.fromkeys(s.dataset for s in shares))
-    panels = [(m, d) for m in modes or [BASELINE] for d in ds]
+    # A row of panels per (setting, mode): a sweep's planes and windows side by side.
+    lines = [(st, m) for st in steered_settings(shares) for m in modes] or [("", BASELINE)]
+    panels = [(st, m, d) for st, m in lines for d in ds]
     fig, axes = plt.subplots(
-        len(modes or [BASELINE]),
+        len(lines),
         len(ds),
         subplot_kw={"projection": "polar"},
-        figsize=(4.6 * len(ds), 5.0 * len(modes or [BASELINE]) + 0.8),
+        figsize=(4.6 * len(ds), 5.0 * len(lines) + 0.8),
         squeeze=False,
     )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     circle = [2 * math.pi * i / 360 for i in range(361)]
-    for ax, (mode, d) in zip(axes.flat, panels, strict=True):
+    for ax, (setting, mode, d) in zip(axes.flat, panels, strict=True):
         for i, lb in enumerate(report.labels):
             colour = colours[i % len(colours)]
             pts = sorted(
                 (s.angle, s.share)
                 for s in shares
-                if s.dataset == d and s.mode == mode and s.label == lb and s.angle is not None
+                if s.dataset == d
+                and s.mode == mode
+                and s.setting == setting
+                and s.label == lb
+                and s.angle is not None
             )
             if pts:
                 theta = [math.radians(a) for a, _ in pts]
@@ -201,7 +243,10 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_yticks([0.25, 0.5, 0.75, 1.0])
         ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
-        ax.set_title(f"{d}, {mode}" if mode != BASELINE else f"{d}, baseline", pad=12, fontsize=10)
+        where = f"{setting}, " if setting else ""
+        ax.set_title(
+            f"{d}, {where}{mode}" if mode != BASELINE else f"{d}, baseline", pad=12, fontsize=10
+        )
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
     note = "dashed: unsteered share" + (f"; {report.rule}" if report.rule else "")
