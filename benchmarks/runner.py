@@ -111,6 +111,9 @@ class BenchSettings:
     extract_batch_size: int = 16
     # The first is the headline (the CLI default, float32); bfloat16 shows what AVX512-BF16 buys.
     extract_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    # Coherence at the grid's default generation length (rotserve.grid.config.DEFAULT_MAX_TOKENS):
+    # its cost is one prefill over prompt + generation, so it depends on that length.
+    coherence_tokens: int = 32
     canary_runs: int = 5
     # Judging: rows through rotserve's judge (prompt build excluded, guided choice, verdict
     # table) vs one plain generate of the same prompts, one token each, on the same engine.
@@ -162,6 +165,7 @@ class BenchSettings:
             distinct_requests=8,
             distinct_tokens=2,
             distinct_rounds=1,
+            coherence_tokens=2,
             grid_angles=4,
             grid_prompts=(2, 3),
             grid_tokens=2,
@@ -453,10 +457,10 @@ def run_coherence(ctx: Context, engines: dict[str, Any]) -> None:
     rot = engines["rotserve"]
     n = s.distinct_requests
     instr, angles = _instructions(n), _angles(n)
-    ctx.log(f"coherence: {n} requests x {s.distinct_tokens} tokens, with and without scoring")
+    ctx.log(f"coherence: {n} requests x {s.coherence_tokens} tokens, with and without scoring")
 
     def with_coherence() -> int:
-        out = rot.completions(instr, angles, s.distinct_tokens)
+        out = rot.completions(instr, angles, s.coherence_tokens)
         rot.engine.continuation_logprobs(
             [c.prompt_token_ids for c in out], [c.token_ids for c in out]
         )
@@ -465,7 +469,7 @@ def run_coherence(ctx: Context, engines: dict[str, Any]) -> None:
     rounds = alternate(
         {
             "with_coherence": with_coherence,
-            "generation": lambda: rot.generate(instr, angles, s.distinct_tokens),
+            "generation": lambda: rot.generate(instr, angles, s.coherence_tokens),
         },
         s.distinct_rounds,
         s.warmup,
@@ -482,7 +486,7 @@ def run_coherence(ctx: Context, engines: dict[str, Any]) -> None:
     seconds = [c.seconds for c in canary]
     ctx.details["coherence"] = {
         "requests": n,
-        "max_tokens": s.distinct_tokens,
+        "max_tokens": s.coherence_tokens,
         "rounds": s.distinct_rounds,
         **_summarise(rounds, "with_coherence", "generation"),
         "canary_runs": len(seconds),
