@@ -16,8 +16,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -107,14 +105,9 @@ def _check_vocab(path: Path, shape: ModelShape) -> None:
 def plane_file(shape: ModelShape, root: Path) -> Path:
     """A seeded random orthonormal plane for shape (what it steers toward does not matter
     for timing; every token is rotated either way)."""
-    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+    from rotserve.plane import random_plane
 
     path = root / f"{shape.name}.plane.safetensors"
     if path.is_file():
         return path
-    g = torch.Generator().manual_seed(PLANE_SEED)
-    b1, b2 = orthonormal_plane(
-        torch.randn(shape.hidden_size, generator=g), torch.randn(shape.hidden_size, generator=g)
-    )
-    meta = PlaneMeta(model=shape.name, method={"kind": "random", "seed": PLANE_SEED})
-    return Plane(b1, b2, meta).save(path)
+    return random_plane(shape.hidden_size, PLANE_SEED, model=shape.name).save(path)

@@ -42,16 +42,12 @@ def windows(num_layers: int) -> list[str]:
 
 
 def plane_files(hidden: int, folder: Path) -> dict[str, Path]:
-    from rotserve.plane import Plane, orthonormal_plane
+    from rotserve.plane import random_plane
 
-    out = {}
-    for k in range(N_PLANES):
-        g = torch.Generator().manual_seed(100 + k)
-        b1, b2 = orthonormal_plane(
-            torch.randn(hidden, generator=g), torch.randn(hidden, generator=g)
-        )
-        out[f"p{k}"] = Plane(b1, b2).save(folder / f"p{k}.safetensors")
-    return out
+    return {
+        f"p{k}": random_plane(hidden, 100 + k).save(folder / f"p{k}.safetensors")
+        for k in range(N_PLANES)
+    }
 
 
 def measure_mixed_vs_shared(

@@ -158,16 +158,15 @@ def engine_prompt(probe: Probe) -> dict[str, Any]:
 
 def probe_result(output: Any) -> ProbeResult:
     """A vLLM RequestOutput (with prompt and sample log-probs) as plain numbers."""
-    prompt_ids = tuple(output.prompt_token_ids or ())
-    prompt_lps = tuple(
-        step[token].logprob
-        for step, token in zip(list(output.prompt_logprobs or [])[1:], prompt_ids[1:], strict=True)
-    )
+    from rotserve.engine import chosen_logprobs, prompt_token_logprobs  # engine imports us
+
     comp = output.outputs[0]
-    lps = tuple(
-        step[t].logprob for step, t in zip(comp.logprobs or [], comp.token_ids, strict=True)
+    return ProbeResult(
+        tuple(output.prompt_token_ids or ()),
+        prompt_token_logprobs(output),
+        tuple(comp.token_ids),
+        chosen_logprobs(comp),
     )
-    return ProbeResult(prompt_ids, prompt_lps, tuple(comp.token_ids), lps)
 
 
 # -- the checks (pure) -----------------------------------------------------------------------

@@ -233,7 +233,7 @@ class RotServeEngine:
                         prompt_tokens=len(out.prompt_token_ids or []),
                         prompt_token_ids=tuple(out.prompt_token_ids or ()),
                         finish_reason=comp.finish_reason,
-                        logprobs=_chosen_logprobs(comp) if logprobs else None,
+                        logprobs=chosen_logprobs(comp) if logprobs else None,
                         plane=None if res is None else self._plane_name(res.plane),
                         plane_id=None if res is None else res.plane_id,
                         layers=() if res is None else res.layers,
@@ -286,10 +286,8 @@ class RotServeEngine:
         scores: list[tuple[float, ...]] = [()] * n
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         for i, out in zip(todo, outputs, strict=True):
-            ids = out.prompt_token_ids
-            start = len(prompt_token_ids[i])
-            steps = list(out.prompt_logprobs)
-            scores[i] = tuple(steps[t][ids[t]].logprob for t in range(start, len(ids)))
+            # prompt_token_logprobs starts at token 1: the continuation starts at len(prompt) - 1
+            scores[i] = prompt_token_logprobs(out)[len(prompt_token_ids[i]) - 1 :]
         return scores
 
     def _steering(
@@ -405,8 +403,17 @@ def _is_flag(value: Any) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def _chosen_logprobs(completion: Any) -> tuple[float, ...]:
+def chosen_logprobs(completion: Any) -> tuple[float, ...]:
+    """Log-prob of each token a vLLM CompletionOutput generated (requested with logprobs=0)."""
     return tuple(
         step[token].logprob
         for step, token in zip(completion.logprobs or [], completion.token_ids, strict=False)
     )
+
+
+def prompt_token_logprobs(output: Any) -> tuple[float, ...]:
+    """Log-prob of prompt tokens 1..n-1 of a vLLM RequestOutput (requested with
+    prompt_logprobs=0; token 0 has none)."""
+    ids = output.prompt_token_ids or []
+    steps = list(output.prompt_logprobs or [])
+    return tuple(steps[t][ids[t]].logprob for t in range(1, len(ids)))

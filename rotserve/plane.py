@@ -163,6 +163,16 @@ def orthonormal_plane(b1: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor,
     return u1.float(), (v2 / norm2).float()
 
 
+def random_plane(hidden_size: int, seed: int, model: str = "") -> Plane:
+    """A seeded random orthonormal plane: a control, or a stand-in where any plane will do
+    (parity checks, benchmarks). Same (hidden_size, seed) -> the same basis."""
+    g = torch.Generator().manual_seed(seed)
+    b1, b2 = orthonormal_plane(
+        torch.randn(hidden_size, generator=g), torch.randn(hidden_size, generator=g)
+    )
+    return Plane(b1, b2, PlaneMeta(model=model, method={"kind": "random", "seed": seed}))
+
+
 def load_plane(path: str | Path, hidden_size: int | None = None) -> Plane:
     """Load and validate a plane; with hidden_size, also check it fits the model."""
     path = Path(path)

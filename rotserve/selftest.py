@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.canary import Check, describe_stack, llm_executor, run_canary
+from rotserve.plane import random_plane
 
 INSTRUCTIONS = ("Write a short poem about the sea.", "How do I pick a lock?")
 ANGLES = (90.0, 210.0)
@@ -148,23 +149,10 @@ def tiny_target(folder: Path) -> Target:
     from rotserve.tiny_model import make_tiny_model
 
     model = make_tiny_model(folder / "tiny-qwen2", arch="qwen2", seed=0)
-    plane = random_plane(model, 128, folder / "tiny-plane.safetensors")
+    plane = random_plane(128, seed=7, model=str(model)).save(folder / "tiny-plane.safetensors")
     return Target(
         "tiny Qwen2 (random weights), random plane", str(model), str(plane), "float32", 16
     )
-
-
-def random_plane(model: str | Path, hidden_size: int, path: Path, seed: int = 7) -> Path:
-    import torch
-
-    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
-
-    g = torch.Generator().manual_seed(seed)
-    b1, b2 = orthonormal_plane(
-        torch.randn(hidden_size, generator=g), torch.randn(hidden_size, generator=g)
-    )
-    meta = PlaneMeta(model=str(model), method={"kind": "random", "seed": seed})
-    return Plane(b1, b2, meta).save(path)
 
 
 def user_target(model: str, plane: str | None, dtype: str, tokens: int, folder: Path) -> Target:
@@ -178,7 +166,8 @@ def user_target(model: str, plane: str | None, dtype: str, tokens: int, folder: 
     if plane is None and (Path(model) / PLANE_FILENAME).is_file():
         plane = str(Path(model) / PLANE_FILENAME)
     if plane is None:
-        plane = str(random_plane(model, info.hidden_size, folder / "user-plane.safetensors"))
+        random = random_plane(info.hidden_size, seed=7, model=model)
+        plane = str(random.save(folder / "user-plane.safetensors"))
         label += ", random plane"
     return Target(label, model, plane, dtype, tokens)
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 # Keep vLLM engines small and quiet on a 2-core machine; set before vLLM is imported.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -35,9 +34,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_plane(tmp_path_factory, tiny_qwen2) -> Path:
     """A random orthonormal plane that fits tiny_qwen2, saved as a plane file."""
-    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+    from rotserve.plane import random_plane
 
-    g = torch.Generator().manual_seed(7)
-    b1, b2 = orthonormal_plane(torch.randn(128, generator=g), torch.randn(128, generator=g))
     path = tmp_path_factory.mktemp("plane") / "tiny.safetensors"
-    return Plane(b1, b2, PlaneMeta(model=str(tiny_qwen2), method={"kind": "random"})).save(path)
+    return random_plane(128, seed=7, model=str(tiny_qwen2)).save(path)

@@ -36,16 +36,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    import torch
 
-    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+    from rotserve.plane import random_plane
 
     d = tmp_path_factory.mktemp("sweep-inputs")
     lines = (ROOT / "data" / "prompts" / "harmless.jsonl").read_text().splitlines()[:N_PROMPTS]
     (d / "harmless.jsonl").write_text("\n".join(lines) + "\n")
-    g = torch.Generator().manual_seed(3)
-    b1, b2 = orthonormal_plane(torch.randn(128, generator=g), torch.randn(128, generator=g))
-    rand = Plane(b1, b2, PlaneMeta(model=str(TOY), method={"kind": "random"}))
+    rand = random_plane(128, seed=3, model=str(TOY))
     return {"harmless": d / "harmless.jsonl", "rand": rand.save(d / "rand.safetensors")}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, max_abs_diff, require_vllm
 
-from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+from rotserve.plane import orthonormal_plane, random_plane
 from rotserve.rotation import angle_table, rotate, rotate_planes
 from rotserve.vllm_plugin.config import (
     EngineSteering,
@@ -196,10 +196,8 @@ def test_hf_oracle_mixes_planes_and_windows_like_each_alone(tiny_qwen2, tiny_pla
 
 @pytest.fixture(scope="module")
 def second_plane(tmp_path_factory, tiny_qwen2):
-    g = torch.Generator().manual_seed(11)
-    b1, b2 = orthonormal_plane(torch.randn(128, generator=g), torch.randn(128, generator=g))
     path = tmp_path_factory.mktemp("plane2") / "other.safetensors"
-    return Plane(b1, b2, PlaneMeta(model=str(tiny_qwen2), method={"kind": "random"})).save(path)
+    return random_plane(128, seed=11, model=str(tiny_qwen2)).save(path)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from vllm_fixtures import (
     ENGINE_KWARGS,
     INSTRUCTIONS,
@@ -84,12 +83,10 @@ def test_the_converted_checkpoint_is_a_plain_llama_folder(smollm2):
 
 @pytest.fixture(scope="module")
 def plane(smollm2, tmp_path_factory) -> Path:
-    from rotserve.plane import Plane, PlaneMeta, orthonormal_plane
+    from rotserve.plane import random_plane
 
-    g = torch.Generator().manual_seed(11)
-    b1, b2 = orthonormal_plane(torch.randn(576, generator=g), torch.randn(576, generator=g))
-    meta = PlaneMeta(model=str(smollm2), method={"kind": "random"})
-    return Plane(b1, b2, meta).save(tmp_path_factory.mktemp("plane") / "smollm2.safetensors")
+    path = tmp_path_factory.mktemp("plane") / "smollm2.safetensors"
+    return random_plane(576, seed=11, model=str(smollm2)).save(path)
 
 
 def test_vllm_matches_the_hf_oracle_on_real_weights(smollm2, plane):
