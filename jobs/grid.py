@@ -3,12 +3,13 @@
     python jobs/grid.py --angles 72          # the toy model, its plane, both shipped prompt sets
     python jobs/grid.py --help               # every option and its default
 
-See rotserve/grid/ for the pipeline and docs/SCHEMA.md for the output table.
+See rotserve/grid/ for the job, rotserve/pipeline.py for the judge and report after it, and
+docs/SCHEMA.md for the output table.
 """
 
 import sys
 
-from rotserve.grid.cli import main
+from rotserve.pipeline import main
 
 if __name__ == "__main__":  # vLLM spawns engine processes: keep the guard
     sys.exit(main())

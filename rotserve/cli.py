@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # command -> (module with build_parser()/main(argv), one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("rotserve.extract.cli", "find the refusal plane from activation statistics"),
-    "grid": ("rotserve.grid.cli", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
+    "grid": ("rotserve.pipeline", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
     "judge": ("rotserve.judge.cli", "judge every row of a grid run with a judge model on vLLM"),
     "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
     "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
@@ -46,6 +47,29 @@ class DefaultsFormatter(argparse.HelpFormatter):
         if "default" in text or default in (None, argparse.SUPPRESS) or isinstance(default, bool):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def positive_int(flag: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1, the error naming `flag`."""
+    return _whole_number(flag, 1, "must be at least 1")
+
+
+def non_negative_int(flag: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= 0, the error naming `flag`."""
+    return _whole_number(flag, 0, "must be >= 0")
+
+
+def _whole_number(flag: str, least: int, rule: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{flag} {rule}, got {value}")
+        return value
+
+    return parse
 
 
 def usage() -> str:

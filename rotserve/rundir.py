@@ -77,6 +77,17 @@ SCHEMA = pa.schema(
 # What makes a row unique within a run.
 KEY_COLUMNS = ("dataset", "prompt_id", "angle", "adaptive", "plane", "window", "sample")
 
+# The setting of a run with one plane steered at every layer: rows of such runs (and of every
+# run before sweeps) carry these names, and their run ids, plan fingerprints and report
+# labels are the ones they had before planes and windows were key columns.
+DEFAULT_PLANE_NAME = "default"
+ALL_LAYERS = "all"
+
+
+def is_default_setting(plane: str | None, window: str | None) -> bool:
+    """The run's one plane at every layer, or the baseline (no plane, no window)."""
+    return (plane, window) in ((None, None), (DEFAULT_PLANE_NAME, ALL_LAYERS))
+
 
 class RunDirError(ValueError):
     """A directory that is not (or not this) run directory, or whose files cannot be trusted."""

@@ -38,3 +38,27 @@ def tiny_plane(tmp_path_factory, tiny_qwen2) -> Path:
 
     path = tmp_path_factory.mktemp("plane") / "tiny.safetensors"
     return random_plane(128, seed=7, model=str(tiny_qwen2)).save(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: intra-op threads cost more than they gain, badly so on a busy 2-core box.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """A local 2-CPU Ray cluster for the module; stand-ins defined in the test module travel to
+    the actors by value (Ray workers cannot import a test module)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    yield ray
+    ray.shutdown()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rotserve.fanout import ExecutionOptions
 from rotserve.grid import GridConfig, GridConfigError
-from rotserve.grid.cli import build_parser, config_from_args, main
+from rotserve.grid.cli import build_parser, config_from_args
 from rotserve.grid.config import (
     evenly_spaced,
     normalize_angles,
@@ -21,6 +22,7 @@ from rotserve.grid.config import (
     resolve,
 )
 from rotserve.grid.store import RunStore
+from rotserve.pipeline import main
 from rotserve.rundir import MANIFEST, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started although the input is invalid")
 
     monkeypatch.setattr(ray, "init", boom)
-    monkeypatch.setattr("rotserve.grid.runner.make_engine", boom)
+    monkeypatch.setattr("rotserve.grid.rows.make_engine", boom)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,8 @@ def test_prompt_set_parsing():
         (["--angle-list", "0,90,90"], "twice"),
         (["--max-tokens", "0"], "at least 1"),
         (["--angles", "4", "--angle-list", "0,90"], "not allowed with"),
-        (["--mode", "sideways"], "invalid choice"),
+        (["--mask", "sideways"], "invalid choice"),
+        (["--engines", "0"], "--engines must be at least 1"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys, no_ray):
@@ -142,7 +145,7 @@ def test_cli_help_states_defaults(capsys):
         "default: 36",
         "--max-tokens",
         "(default: 32)",
-        "--mode {plain,adaptive,both}",
+        "--mask {plain,adaptive,both}, --mode {plain,adaptive,both}",
         "Plain by default",
         "--ray-address",
         "--engines",
@@ -155,10 +158,12 @@ def test_cli_help_states_defaults(capsys):
 
 def test_cli_defaults_build_the_embedded_config():
     cfg = config_from_args(build_parser().parse_args(["--angles", "72"]))
-    assert len(cfg.angles) == 72 and cfg.baseline and cfg.mode == "plain"
+    assert len(cfg.angles) == 72 and cfg.baseline and cfg.mask == "plain"
     assert cfg.model.endswith("toy-refusal") and cfg.plane is None
     assert [label for label, _ in cfg.prompts] == ["harmful", "harmless"]
-    assert config_from_args(build_parser().parse_args(["--adaptive"])).mode == "adaptive"
+    assert config_from_args(build_parser().parse_args(["--mask", "adaptive"])).mask == "adaptive"
+    # --mode: the flag's earlier name, as older command lines (and scripts) spell it
+    assert config_from_args(build_parser().parse_args(["--mode", "both"])).mask == "both"
 
 
 @pytest.mark.parametrize(
@@ -228,7 +233,8 @@ def test_run_id_is_stable_and_tracks_what_changes_rows(inputs):
         prompts=(("p", str(inputs["good"])),),
     )
     a = resolve(GridConfig(**common, angles=evenly_spaced(4)))
-    b = resolve(GridConfig(**common, angles=evenly_spaced(4), engines=7, ray_address="auto"))
+    where = ExecutionOptions(engines=7, ray_address="auto")
+    b = resolve(GridConfig(**common, angles=evenly_spaced(4), execution=where))
     c = resolve(GridConfig(**common, angles=evenly_spaced(4), max_tokens=99))
     assert a.run_id == b.run_id  # execution settings do not change the rows
     assert a.run_id != c.run_id

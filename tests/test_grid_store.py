@@ -16,7 +16,7 @@ from run_checks import expect_unique_keys
 from rotserve.engine import Completion
 from rotserve.grid.config import PromptSet
 from rotserve.grid.plan import conditions, make_plan
-from rotserve.grid.runner import GridRunError, RowContext, shard_rows
+from rotserve.grid.rows import GridRunError, RowContext, shard_rows
 from rotserve.grid.store import RunStore
 from rotserve.prompts import Prompt
 from rotserve.rundir import SCHEMA, RunDirError, read_rows, to_table

@@ -17,7 +17,7 @@ from rotserve import rundir
 from rotserve.engine import Completion
 from rotserve.grid.config import PromptSet
 from rotserve.grid.plan import conditions, make_plan
-from rotserve.grid.runner import RowContext, shard_rows
+from rotserve.grid.rows import RowContext, shard_rows
 from rotserve.grid.store import RunStore
 from rotserve.judge import JudgeConfig, JudgeConfigError, RubricError, load_rubric
 from rotserve.judge.config import resolve

@@ -4,22 +4,20 @@ judge on the grid's fan-out, verdicts in their own Parquet table.
 - the toy judge's refusals agree with the substring markers on >= 95% of the toy's rows (the
   toy's refusals are canonical), and only rubric labels ever appear (guided choice);
 - the table joins to the rows on row_key in one line of pandas, polars and DuckDB;
-- a judge engine that dies mid-run, and a judge job killed mid-run then rerun, each end with
-  the clean run's table, nothing lost or doubled;
+- rerunning the command of a finished table resumes it without starting an engine (engine
+  deaths and kill/resume are the fan-out's, tested once in test_fanout.py);
 - a verdict table cannot be attached to another run;
 - the report picks the table up: shares per angle, a polar plot, examples.
 
-Cost on 2 cores: the toy grid ~35 s, each judge run 10-30 s (engine start), ~2.5 min in all.
+Cost on 2 cores: the toy grid ~35 s, the judge run 10-30 s (engine start), ~1.5 min in all.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -28,11 +26,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from run_checks import run_killed_job
 
+from rotserve.fanout import ExecutionOptions
 from rotserve.grid import GridConfig, read_rows, run_grid
 from rotserve.judge import JudgeConfig, run_judge
-from rotserve.judge.engine import JudgeEngine
 from rotserve.judge.rubrics import BEHAVIOUR
 from rotserve.paths import toy_judge_dir
 from rotserve.rundir import (
@@ -48,16 +45,7 @@ ANGLES = (0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0)
 N_ROWS = 2 * N_PER_SET * (1 + len(ANGLES))
 SHARD = 20
 N_SHARDS = N_ROWS // SHARD
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the factory below
-    yield ray
-    ray.shutdown()
+ONE_ENGINE = ExecutionOptions(engines=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +65,7 @@ def toy_run(ray_cluster, tmp_path_factory) -> Path:
         enforce_eager=True,
         shard_size=60,
         out=str(d / "run"),
-        engines=1,
-        progress=False,
+        execution=ONE_ENGINE,
     )
     return run_grid(cfg).run_dir
 
@@ -89,8 +76,7 @@ def judge_config(run_dir: Path, **kw) -> JudgeConfig:
         dtype="float32",
         enforce_eager=True,
         shard_size=SHARD,
-        engines=1,
-        progress=False,
+        execution=ONE_ENGINE,
     )
     return JudgeConfig(**{**base, **kw})
 
@@ -139,67 +125,21 @@ def test_one_line_joins(toy_run, clean):
     assert read_rows(toy_run).column("row_key").to_pylist() == row_keys(read_rows(toy_run))
 
 
-@dataclass(frozen=True)
-class DiesOnce:
-    """Real judge engines; the first one's process exits while it holds its 2nd shard."""
-
-    marker: Path
-
-    def __call__(self, spec):
-        engine = JudgeEngine(spec)
-        if self.marker.exists():
-            return engine
-        choose, calls = engine.choose, []
-
-        def choose_then_die(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                try:
-                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    return choose(*args, **kwargs)
-                os._exit(1)
-            return choose(*args, **kwargs)
-
-        engine.choose = choose_then_die
-        return engine
-
-
-def test_a_judge_engine_that_dies_loses_and_doubles_nothing(toy_run, clean, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(toy_run, run, ignore=shutil.ignore_patterns("verdicts", "_tmp"))
-    factory = DiesOnce(tmp_path / "died")
-    result = run_judge(judge_config(run, engines=2), engine_factory=factory)
-    assert factory.marker.exists() and result.engine_failures == 1
-    assert sorted_verdicts(run, result.name).equals(sorted_verdicts(toy_run, clean.name))
-
-
-KILL_AFTER = 3
-
-
-def test_a_killed_judge_job_resumes_to_the_same_table(toy_run, clean, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(toy_run, run, ignore=shutil.ignore_patterns("verdicts", "_tmp"))
-    args = [str(run), "--dtype", "float32", "--enforce-eager", "--shard-size", str(SHARD)]
+def test_rerunning_a_finished_table_resumes_it_without_an_engine(toy_run, clean):
+    args = [str(toy_run), "--dtype", "float32", "--enforce-eager", "--shard-size", str(SHARD)]
     args += ["--engines", "1", "--no-progress", "--no-report"]
-    run_killed_job(
-        "rotserve.judge.store:VerdictStore", "rotserve.judge.cli", args, KILL_AFTER, ROOT, 300
-    )
-    table_dir = run / "verdicts" / clean.name
-    parts = sorted(table_dir.iterdir())
-    assert len(parts) == KILL_AFTER and all(pq.read_metadata(p).num_rows == SHARD for p in parts)
     rerun = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "judge.py"), *args],
         cwd=ROOT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{KILL_AFTER} of {N_SHARDS} shards already on disk" in rerun.stderr
-    assert sorted_verdicts(run, clean.name).equals(sorted_verdicts(toy_run, clean.name))
-    m = json.loads((run / "verdicts" / f"{clean.name}.json").read_text())
+    assert f"{N_SHARDS} of {N_SHARDS} shards already on disk" in rerun.stderr
+    assert "starting" not in rerun.stderr  # no engine was started
+    assert f"(0 parts written now, {N_SHARDS} resumed;" in rerun.stdout
+    m = json.loads((toy_run / "verdicts" / f"{clean.name}.json").read_text())
     assert [a["state"] for a in m["attempts"]] == ["new", "resume"]
 
 
@@ -234,7 +174,7 @@ def test_report_shows_each_label_per_angle(toy_run, clean):
     assert v.plot_path.is_file() and v.examples_path.is_file() and rep.verdicts_csv.is_file()
     cells: dict[tuple, float] = {}
     for s in v.shares:
-        key = (s.dataset, s.mode, s.angle)
+        key = (s.dataset, s.mask, s.angle)
         cells[key] = cells.get(key, 0.0) + s.share
     assert len(cells) == 2 * (1 + len(ANGLES))
     assert all(abs(total - 1.0) < 1e-9 for total in cells.values())

@@ -45,7 +45,7 @@ def row(ds: str, angle: float | None, adaptive: bool, refused: bool, i: int) -> 
 
 
 def synthetic_rows() -> list[dict]:
-    """harmful refuses at 300°-60° (and at baseline), harmless only at 0° in plain mode."""
+    """harmful refuses at 300°-60° (and at baseline), harmless only at 0° with the plain mask."""
     rows = []
     for i in range(4):
         rows.append(row("harmful", None, False, True, i))
@@ -71,9 +71,9 @@ def run_dir(tmp_path) -> Path:
 
 def test_summarize_per_dataset_mode_angle():
     summary = summarize(to_table(synthetic_rows()))
-    by = {(s.dataset, s.mode, s.angle): s for s in summary}
+    by = {(s.dataset, s.mask, s.angle): s for s in summary}
     assert len(summary) == 2 * (1 + 2 * 12)
-    assert summary[0].mode == "baseline" and summary[0].dataset == "harmful"
+    assert summary[0].mask == "baseline" and summary[0].dataset == "harmful"
     base = by[("harmful", "baseline", None)]
     assert base.n == 4 and base.refusal_rate == 1.0 and base.mean_output_tokens == 2.0
     assert by[("harmful", "plain", 30.0)].refusal_rate == 0.75
@@ -103,7 +103,7 @@ def test_make_report_writes_csv_markdown_plot(run_dir):
         rows = list(csv.DictReader(f))
     assert rows[0] == {
         "dataset": "harmful",
-        "mode": "baseline",
+        "mask": "baseline",
         "angle": "",
         "n": "4",
         "refusal_rate": "1.0000",
@@ -113,7 +113,7 @@ def test_make_report_writes_csv_markdown_plot(run_dir):
         "perplexity": f"{math.e:.4f}",
     }
     md = rep.markdown_path.read_text()
-    assert "## plain mode" in md and "## adaptive mode" in md
+    assert "## plain mask" in md and "## adaptive mask" in md
     assert "| baseline | 1.00 | 0.50 | 1.00 | 2.0 | 0.00 | 1.00 | 2.00 | 5.0 |" in md
     png = rep.plot_path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -125,7 +125,7 @@ def test_make_report_writes_csv_markdown_plot(run_dir):
 def test_report_cli(run_dir, tmp_path, capsys):
     assert main([str(run_dir), "--out", str(tmp_path / "elsewhere")]) == 0
     out = capsys.readouterr().out
-    assert "plain mode:" in out and "refusal_polar.png" in out
+    assert "plain mask:" in out and "refusal_polar.png" in out
     assert (tmp_path / "elsewhere" / "summary.md").is_file()
     assert main([str(tmp_path / "nothing-here")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
@@ -154,7 +154,7 @@ def test_a_plane_window_sweep_is_grouped_per_setting(tmp_path):
     by = {(s.setting, s.angle): s for s in summary}
     assert len(summary) == 1 + 4 * 2
     assert by[("toy [all]", 0.0)].refusal_rate == 1.0
-    assert by[("rand [all]", 0.0)].refusal_rate == 0.0 and by[("", None)].mode == "baseline"
+    assert by[("rand [all]", 0.0)].refusal_rate == 0.0 and by[("", None)].mask == "baseline"
     store, _ = RunStore.open(tmp_path / "run", "r", overwrite=False)
     store.write_manifest({"run_id": "r", "status": "complete", "rows": {"expected": len(rows)}})
     store.write_part("00000", to_table(rows))

@@ -3,14 +3,14 @@
     result = run_grid(GridConfig(angles=evenly_spaced(72)))   # -> RunResult
     rows = rotserve.rundir.read_rows(result.run_dir)
 
-The stages live in files named after them (job.py reads as the chain); the run directory it
-writes is the contract in rotserve.rundir.
+The stages live in files named after them (job.py reads as the chain) and run on
+rotserve.fanout; the run directory it writes is the contract in rotserve.rundir.
 """
 
 from rotserve.grid.config import GridConfig, GridConfigError, evenly_spaced, parse_angle_list
 from rotserve.grid.job import run_grid
 from rotserve.grid.result import RunResult
-from rotserve.grid.runner import GridEngine, GridRunError
+from rotserve.grid.rows import GridEngine, GridRunError
 from rotserve.rundir import SCHEMA, RunDirError, read_rows
 
 __all__ = [

@@ -15,14 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.paths import DATA_DIR_ENV, PLANE_FILENAME, default_prompts, toy_model_dir
+from rotserve.fanout import DTYPES, ExecutionConfigError, ExecutionOptions
+from rotserve.paths import (
+    PLANE_FILENAME,
+    ModelPathError,
+    default_prompts,
+    resolve_model,
+    toy_model_dir,
+)
 from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
+from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE_NAME, is_default_setting
 from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
 from rotserve.vllm_plugin.config import (
     RequestSteeringError,
@@ -35,8 +42,7 @@ from rotserve.vllm_plugin.config import (
 DEFAULT_ANGLE_COUNT = 36  # the reference grid: 0..350 step 10
 DEFAULT_MAX_TOKENS = 32  # the toy answers or refuses within its first ~10 tokens
 DEFAULT_SHARD_SIZE = 256  # prompts × conditions per generate() call (× samples per prompt rows)
-MODES = ("plain", "adaptive", "both")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+MASKS = ("plain", "adaptive", "both")
 
 
 class GridConfigError(ValueError):
@@ -143,7 +149,7 @@ class GridConfig:
     column: str | None = None  # instruction column; None: load_prompts' auto-detection
     angles: tuple[float, ...] = field(default_factory=lambda: evenly_spaced(DEFAULT_ANGLE_COUNT))
     baseline: bool = True  # also generate unsteered rows (angle null)
-    mode: str = "plain"  # plain | adaptive | both
+    mask: str = "plain"  # which tokens rotate: plain (all) | adaptive (h·b1 > 0) | both
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     seed: int = 0
@@ -152,21 +158,15 @@ class GridConfig:
     dtype: str = "auto"
     enforce_eager: bool = False  # no torch.compile / CUDA graphs: faster start, slower steps
     shard_size: int = DEFAULT_SHARD_SIZE
-    # execution only
+    # output and execution only: never in the run id
     out: str | None = None  # None: runs/grid-<run id>
     overwrite: bool = False
-    engines: int | None = None  # None: one per GPU; on CPU (cores - 1) // cpus_per_engine
-    gpus_per_engine: int | None = None  # None: 1 if the cluster has GPUs, else 0 (CPU engines)
-    cpus_per_engine: int = 1
-    tensor_parallel_size: int | None = None  # None: gpus_per_engine (or 1)
-    ray_address: str | None = None  # None: start a local cluster; "auto": join the running one
-    max_engine_failures: int = 3  # engine deaths tolerated (shards re-queued) before giving up
-    progress: bool = True
-    verbose: bool = False  # stream engine (vLLM) logs to the console
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     @property
-    def adaptive_modes(self) -> tuple[bool, ...]:
-        return {"plain": (False,), "adaptive": (True,), "both": (False, True)}[self.mode]
+    def adaptive_masks(self) -> tuple[bool, ...]:
+        """The `adaptive` values of the rows: plain (False), adaptive (True) or both."""
+        return {"plain": (False,), "adaptive": (True,), "both": (False, True)}[self.mask]
 
 
 @dataclass(frozen=True)
@@ -231,13 +231,13 @@ def run_identity(
     prompt_sets: tuple[PromptSet, ...],
     angles: tuple[float, ...],
     plane_shas: tuple[tuple[str, str], ...] = (),
-    windows: tuple[str, ...] = ("all",),
+    windows: tuple[str, ...] = (ALL_LAYERS,),
 ) -> dict[str, Any]:
     # A single-plane, every-layer run keeps the identity (and run id) it had before sweeps.
     sweep: dict[str, Any] = {}
-    if len(plane_shas) > 1 or [n for n, _ in plane_shas] not in ([], ["default"]):
+    if not all(is_default_setting(name, ALL_LAYERS) for name, _ in plane_shas):
         sweep["planes"] = [list(p) for p in plane_shas]
-    if tuple(windows) != ("all",):
+    if not all(is_default_setting(DEFAULT_PLANE_NAME, w) for w in windows):
         sweep["windows"] = list(windows)
     return {
         **sweep,
@@ -250,7 +250,7 @@ def run_identity(
         "column": config.column,
         "angles": list(angles),
         "baseline": config.baseline,
-        "mode": config.mode,
+        "mode": config.mask,  # the key's old name: renaming it would change every run id
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
         "seed": config.seed,
@@ -280,7 +280,10 @@ def resolve(config: GridConfig) -> ResolvedGrid:
     angles = normalize_angles(config.angles) if config.angles else ()
     if not angles and not config.baseline:
         raise GridConfigError("nothing to generate: no angles and --no-baseline")
-    model, is_local = resolve_model(config.model)
+    try:
+        model, is_local = resolve_model(config.model)
+    except ModelPathError as e:
+        raise GridConfigError(str(e)) from None
     steering = _prepare_steering(model, config, is_local)
     if is_local:
         _check_weights_dir(Path(model))
@@ -354,7 +357,7 @@ def _check_numbers(c: GridConfig) -> None:
         if not ok:
             raise GridConfigError(msg)
 
-    need(c.mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+    need(c.mask in MASKS, f"--mask must be one of {', '.join(MASKS)}, got {c.mask!r}")
     need(c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
     need(c.max_tokens >= 1, f"--max-tokens must be at least 1, got {c.max_tokens}")
     need(
@@ -366,50 +369,11 @@ def _check_numbers(c: GridConfig) -> None:
         f"--samples-per-prompt must be at least 1, got {c.samples_per_prompt}",
     )
     need(c.shard_size >= 1, f"--shard-size must be at least 1, got {c.shard_size}")
-    need(c.engines is None or c.engines >= 1, f"--engines must be at least 1, got {c.engines}")
-    need(
-        c.gpus_per_engine is None or c.gpus_per_engine >= 0,
-        f"--gpus-per-engine must be >= 0, got {c.gpus_per_engine}",
-    )
-    need(c.cpus_per_engine >= 1, f"--cpus-per-engine must be at least 1, got {c.cpus_per_engine}")
-    need(
-        c.tensor_parallel_size is None or c.tensor_parallel_size >= 1,
-        f"--tensor-parallel-size must be at least 1, got {c.tensor_parallel_size}",
-    )
-    need(
-        c.max_engine_failures >= 0,
-        f"--max-engine-failures must be >= 0, got {c.max_engine_failures}",
-    )
     need(0 <= c.seed < 2**63, f"--seed must be in [0, 2^63), got {c.seed}")
-
-
-def _is_hub_id(model: str) -> bool:
-    """`name` or `org/name` as the HF hub spells them (anything else is meant as a path)."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) is not None and not model.startswith(".")
-
-
-def resolve_model(model: str, flag: str = "--model") -> tuple[str, bool]:
-    """(absolute directory, True) for a local model, (hub id, False) for `org/name`."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise GridConfigError(
-                f"{flag} {model}: the directory has no config.json; is it a HF model?"
-            )
-        return str(path.resolve()), True
-    if path.exists():
-        raise GridConfigError(
-            f"{flag} {model}: not a directory (give a HF model directory or hub id)"
-        )
-    if not _is_hub_id(model):
-        if Path(model).resolve() == toy_model_dir().resolve():
-            raise GridConfigError(
-                f"the default toy model is missing at {toy_model_dir()}; point {DATA_DIR_ENV} "
-                "at a folder holding rotserve's data/ (the repository's data/ folder), or pass "
-                f"{flag}"
-            )
-        raise GridConfigError(f"{flag} {model}: no such directory (and not a hub id like org/name)")
-    return model, False
+    try:
+        c.execution.check()
+    except ExecutionConfigError as e:
+        raise GridConfigError(str(e)) from None
 
 
 def _prepare_steering(model: str, config: GridConfig, is_local: bool) -> SteeringSetup:

@@ -3,43 +3,23 @@
     resolve   check every input, derive the run id              (config.py; no Ray, no vLLM)
     plan      the work units, cut into deterministic shards     (plan.py; pure)
     open      the run directory: new, resume or refuse          (store.py)
-    run       engine actors pull shards; each becomes a part    (cluster.py, runner.py)
-    finish    check every shard is on disk once; manifest       (store.py, manifest.py)
+    run       engine actors turn shards into rows, one part each (rows.py on rotserve.fanout)
+    finish    every shard on disk once; the manifest            (rotserve.fanout, manifest.py)
 
-The report is not a stage: it reads the finished run directory (rotserve.rundir), and the
-CLI chains the two.
+The report is not a stage: it reads the finished run directory (rotserve.rundir).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from rotserve.grid.cluster import (
-    ExecOptions,
-    Placement,
-    connect_ray,
-    engine_spec,
-    place_engines,
-)
+from rotserve.fanout import Job, Placement, PlaneFile, engine_spec, run_attempt
 from rotserve.grid.config import GridConfig, ResolvedGrid, resolve
-from rotserve.grid.manifest import build_manifest, now
+from rotserve.grid.manifest import build_manifest
 from rotserve.grid.plan import GridPlan, conditions, make_plan
-from rotserve.grid.result import RunResult, throughput
-from rotserve.grid.runner import (
-    EngineFactory,
-    FanOut,
-    FanOutStats,
-    GridRunError,
-    GridWork,
-    PartWriter,
-    RowContext,
-    ShardWork,
-)
-from rotserve.grid.store import PartStore, RunStore
+from rotserve.grid.result import RunResult
+from rotserve.grid.rows import EngineFactory, GridWorker, GridWorkerSpec, RowContext
+from rotserve.grid.store import RunStore
 
 
 def run_grid(
@@ -48,277 +28,94 @@ def run_grid(
     engine_factory: EngineFactory | None = None,
     argv: list[str] | None = None,
 ) -> RunResult:
-    """Run (or resume) a grid. Raises GridConfigError (or RunDirError) before anything starts."""
+    """Run (or resume) a grid. Raises GridConfigError (or RunDirError) before anything starts.
+
+    `engine_factory` builds each actor's engine from its EngineSpec (default: RotServeEngine);
+    a test may wrap the real one, e.g. to kill it mid-run."""
     t0 = time.perf_counter()
     resolved = resolve(config)  # every input checked; no Ray, no vLLM yet
     plan = plan_grid(resolved)
     store, state = RunStore.open(resolved.out, resolved.run_id, config.overwrite)
     try:
-        timings = {"resolve_s": time.perf_counter() - t0}
         manifest = build_manifest(resolved, plan, store.root, store.read_manifest(), argv)
         n_prompts = sum(len(s.prompts) for s in resolved.prompt_sets)
-        attempt = run_attempt(
-            store,
-            plan,
-            manifest,
-            state,
-            lambda pending, done: _run_pending(
-                resolved, plan, pending, store, done, engine_factory, timings
-            ),
-            t0,
-            timings,
-            f"run {resolved.run_id}: {plan.n_rows} rows = {n_prompts} prompts × "
+        job = Job(
+            name="grid",
+            actor_prefix=f"rotserve-grid-{resolved.run_id}",
+            plan=plan,
+            store=store,
+            worker=GridWorker,
+            worker_spec=GridSpec(resolved, engine_factory),
+            options=config.execution,
+            headline=f"run {resolved.run_id}: {plan.n_rows} rows = {n_prompts} prompts × "
             f"{len(plan.conditions)} conditions × {plan.samples} sample(s), "
             f"{len(plan.shards)} shards -> {store.root}",
         )
-        stats = attempt.stats
-        result = RunResult(
-            run_id=resolved.run_id,
-            run_dir=store.root,
-            rows_dir=store.rows_dir,
-            manifest_path=store.manifest_path,
-            state=state,
-            rows_total=attempt.rows_total,
-            shards_total=len(plan.shards),
-            shards_skipped=attempt.skipped,
-            shards_written=stats.shards_written,
-            rows_written=stats.rows_written,
-            wall_s=timings["total_s"],
-            generate_s=timings.get("generate_s", 0.0),
-            rows_per_s=attempt.rows_per_s,
-            steady_rows_per_s=attempt.steady_rows_per_s,
-            engine_failures=stats.engine_failures,
-            timings=timings,
-        )
+        attempt = run_attempt(job, manifest, state, t0)
     finally:
         store.close()
-    return result
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one invocation of a fan-out job did."""
-
-    stats: FanOutStats
-    skipped: int  # shards already on disk when it started
-    rows_total: int
-    rows_per_s: float | None
-    steady_rows_per_s: float | None
-
-
-def run_attempt(
-    store: PartStore,
-    plan: Any,
-    manifest: dict[str, Any],
-    state: str,
-    run_pending: Callable[[list[str], set[str]], FanOutStats],
-    t0: float,
-    timings: dict[str, float],
-    headline: str,
-) -> Attempt:
-    """One attempt of a fan-out job over an open store: skip finished shards, run the rest,
-    check every shard is on disk once, and keep the manifest's `attempts` up to date (an
-    attempt that fails, Ctrl-C included, says how it ended). Shared by the grid and the judge;
-    `manifest` is the job's own and is completed (`status`, `rows`, `timings`) here."""
-    log = _log
-    done = store.finished_shards(plan)
-    pending = [s.shard_id for s in plan.shards if s.shard_id not in done]
-    attempt: dict[str, Any] = {"started": now(), "state": state, "shards_skipped": len(done)}
-    manifest["attempts"].append(attempt)
-    store.write_manifest(manifest)
-    log(headline)
-    if done:
-        log(
-            f"resuming: {len(done)} of {len(plan.shards)} shards already on disk, "
-            f"{len(pending)} to go"
-        )
-    try:
-        stats = FanOutStats()
-        if pending:
-            stats = run_pending(pending, done)
-        rows_total = _check_complete(store, plan)
-    except BaseException as e:  # Ctrl-C included: say in the manifest how this attempt ended
-        attempt.update(finished=now(), error=f"{type(e).__name__}: {e}".strip())
-        store.write_manifest(manifest)
-        raise
-    timings["total_s"] = time.perf_counter() - t0
-    rate, steady = throughput(stats, timings.get("generate_s", 0.0))
-    attempt.update(
-        finished=now(),
+    stats = attempt.stats
+    return RunResult(
+        run_id=resolved.run_id,
+        run_dir=store.root,
+        rows_dir=store.rows_dir,
+        manifest_path=store.manifest_path,
+        state=state,
+        rows_total=attempt.rows_total,
+        shards_total=len(plan.shards),
+        shards_skipped=attempt.skipped,
         shards_written=stats.shards_written,
         rows_written=stats.rows_written,
-        engines=stats.engines,
+        wall_s=attempt.timings["total_s"],
+        generate_s=attempt.timings.get("generate_s", 0.0),
+        rows_per_s=attempt.rows_per_s,
+        steady_rows_per_s=attempt.steady_rows_per_s,
         engine_failures=stats.engine_failures,
-        requeued_shards=stats.requeued,
-        duplicates_dropped=stats.duplicates_dropped,
-        engine_info=stats.engine_info,
-        parts=stats.part_origin,  # which engine, node and host wrote each part
-        rows_per_s=_round(rate),
-        steady_rows_per_s=_round(steady),
-        timings={k: round(v, 2) for k, v in timings.items()},
+        timings=attempt.timings,
     )
-    manifest.update(status="complete", completed=now())
-    manifest.update(rows={"expected": plan.n_rows, "written": rows_total})
-    manifest["timings"] = attempt["timings"]
-    store.write_manifest(manifest)
-    return Attempt(stats, len(done), rows_total, rate, steady)
 
 
 def plan_grid(resolved: ResolvedGrid) -> GridPlan:
     c = resolved.config
     conds = conditions(
-        resolved.angles, c.adaptive_modes, c.baseline, resolved.plane_names, resolved.windows
+        resolved.angles, c.adaptive_masks, c.baseline, resolved.plane_names, resolved.windows
     )
     return make_plan(resolved.prompt_sets, conds, c.shard_size, c.samples_per_prompt)
 
 
-def _round(x: float | None) -> float | None:
-    return round(x, 2) if x else None
+class GridSpec:
+    """The spec of every grid actor at a placement: the engine (model, planes, vLLM
+    arguments) and the rows' constants."""
 
+    def __init__(self, resolved: ResolvedGrid, engine_factory: EngineFactory | None) -> None:
+        self.resolved = resolved
+        self.engine_factory = engine_factory
 
-def _log(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)  # keeps an active progress bar intact
-
-
-def _check_complete(store: PartStore, plan: Any) -> int:
-    """Every shard of the plan on disk once, with the planned number of rows; returns that."""
-    missing = sorted({s.shard_id for s in plan.shards} - store.finished_shards(plan))
-    if missing:
-        raise GridRunError(f"shards {missing[:5]} are missing after the run; rerun to resume")
-    rows_total = store.rows_written()
-    if rows_total != plan.n_rows:
-        raise GridRunError(f"{rows_total} rows on disk, expected {plan.n_rows}")
-    return rows_total
-
-
-def _run_pending(
-    resolved: ResolvedGrid,
-    plan: GridPlan,
-    pending: list[str],
-    store: RunStore,
-    done: set[str],
-    engine_factory: EngineFactory | None,
-    timings: dict[str, float],
-) -> FanOutStats:
-    c = resolved.config
-
-    def work(where: Placement) -> GridWork:
-        spec = engine_spec(
-            c,
-            where,
-            resolved.model,
-            plane_path=str(resolved.plane_path),
-            plane_bytes=resolved.plane_path.read_bytes(),
-            plane_sha256=resolved.plane_sha256,
-            planes=tuple(
-                (name, str(path), path.read_bytes(), sha)
-                for (name, path), (_, sha) in zip(
-                    resolved.steering.settings.planes, resolved.plane_shas, strict=True
-                )
-            )
-            if resolved.config.planes
-            else (),
+    def __call__(self, where: Placement) -> GridWorkerSpec:
+        r, c = self.resolved, self.resolved.config
+        planes = tuple(
+            PlaneFile(name, str(path), path.read_bytes(), sha)
+            for (name, path), (_, sha) in zip(r.steering.settings.planes, r.plane_shas, strict=True)
         )
-        ctx = RowContext(
-            run_id=resolved.run_id,
-            model=resolved.model,
-            plane_id=resolved.plane.plane_id,
+        engine = engine_spec(
+            where,
+            r.model,
+            dtype=c.dtype,
+            enforce_eager=c.enforce_eager,
+            revision=c.revision,
+            # A sweep names its planes; a single-plane engine keeps its one-plane settings.
+            plane=None if c.planes else planes[0],
+            planes=planes if c.planes else (),
+        )
+        rows = RowContext(
+            run_id=r.run_id,
+            model=r.model,
+            plane_id=r.plane.plane_id,
             max_tokens=c.max_tokens,
             temperature=float(c.temperature),
             seed=c.seed,
             samples=c.samples_per_prompt,
             coherence=c.coherence,
-            selective=dict(resolved.selective),
+            selective=dict(r.selective),
         )
-        return GridWork(spec, ctx, engine_factory)
-
-    return run_shards(
-        c,
-        plan,
-        pending,
-        store,
-        done,
-        work,
-        timings,
-        name=f"rotserve-grid-{resolved.run_id}",
-        desc="grid",
-        max_engine_failures=c.max_engine_failures,
-        progress=c.progress,
-    )
-
-
-def run_shards(
-    c: ExecOptions,
-    plan: Any,
-    pending: list[str],
-    store: PartWriter,
-    done: set[str],
-    work: Callable[[Placement], ShardWork],
-    timings: dict[str, float],
-    *,
-    name: str,
-    desc: str,
-    max_engine_failures: int,
-    progress: bool,
-) -> FanOutStats:
-    """Join (or start) Ray, place engines, run the pending shards with a progress bar.
-
-    Shared by every fan-out job (the grid, the judge): `plan` has `.shards` and `.shard(id)`,
-    `work(placement)` builds what each actor runs. Fills `timings` (ray_start_s, generate_s,
-    first_part_s); stops a Ray cluster it started.
-    """
-    import ray
-    from tqdm import tqdm
-
-    t_ray = time.perf_counter()
-    started_ray = connect_ray(c)
-    timings["ray_start_s"] = time.perf_counter() - t_ray
-    try:
-        where = place_engines(c, len(pending))
-        _log(f"starting {where.engines} engine(s) ({where.describe()}) on Ray {ray.__version__}")
-        bar = tqdm(
-            total=sum(s.n_rows for s in plan.shards),
-            initial=sum(plan.shard(s).n_rows for s in done),
-            unit="row",
-            desc=desc,
-            disable=not progress,
-            dynamic_ncols=True,
-            smoothing=0.05,
-            file=sys.stderr,
-        )
-        n_shards = len(plan.shards)
-
-        def on_rows(n: int, stats: FanOutStats) -> None:
-            bar.update(n)
-            bar.set_postfix_str(
-                f"shards {len(done) + stats.shards_written}/{n_shards}", refresh=False
-            )
-
-        bar.set_postfix_str("starting engines")
-        fan = FanOut(
-            plan=plan,
-            pending_ids=pending,
-            store=store,
-            work=work(where),
-            name=name,
-            engines=where.engines,
-            use_gpu=where.use_gpu,
-            gpus_per_engine=where.gpus_per_engine,
-            cpus_per_engine=c.cpus_per_engine,
-            max_engine_failures=max_engine_failures,
-            on_rows=on_rows,
-            log=_log,
-        )
-        try:
-            stats = fan.run()
-        finally:
-            bar.close()
-        timings["generate_s"] = stats.wall_s
-        if stats.first_row_s is not None:
-            timings["first_part_s"] = stats.first_row_s
-        return stats
-    finally:
-        if started_ray:
-            ray.shutdown()
+        return GridWorkerSpec(engine, rows, self.engine_factory)

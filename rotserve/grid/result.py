@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rotserve.grid.runner import FanOutStats
-
 
 @dataclass(frozen=True)
 class RunResult:
@@ -26,15 +24,3 @@ class RunResult:
     steady_rows_per_s: float | None = None  # after the first part: engines up and generating
     engine_failures: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def throughput(stats: FanOutStats, generate_s: float) -> tuple[float | None, float | None]:
-    """(rows/s with engine start-up, rows/s once the first part was written), None if unknown.
-
-    The first part's rows are left out of the steady rate: they paid for the engine start.
-    """
-    rate = stats.rows_written / generate_s if generate_s > 0 and stats.rows_written else None
-    steady = None
-    if stats.first_row_s is not None and generate_s - stats.first_row_s > 0:
-        steady = (stats.rows_written - stats.first_part_rows) / (generate_s - stats.first_row_s)
-    return rate, steady

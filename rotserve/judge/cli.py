@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rotserve.cli import DefaultsFormatter
-from rotserve.grid.cli import _positive, add_execution_args, execution_kwargs, run_guarded
-from rotserve.grid.config import DTYPES
+from rotserve.cli import DefaultsFormatter, positive_int
+from rotserve.fanout import DTYPES
+from rotserve.fanout.cli import add_execution_args, execution_from_args, run_guarded
 from rotserve.judge.config import JudgeConfig, JudgeConfigError
 from rotserve.judge.rubrics import BUILTIN
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--max-model-len",
-        type=_positive("--max-model-len"),
+        type=positive_int("--max-model-len"),
         default=None,
         help="the judge's context in tokens; a prompt + generation that does not fit has its "
         "generation cut to its first tokens, counted in the manifest (default: the judge's "
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument(
         "--shard-size",
-        type=_positive("--shard-size"),
+        type=positive_int("--shard-size"),
         default=d.shard_size,
         help="rows per judge generate call and per part file (the unit of resume)",
     )
@@ -93,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--no-report", dest="report", action="store_false", help="skip the report afterwards"
     )
-    o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_execution_args(p, d.cpus_per_engine, d.max_engine_failures)
+    add_execution_args(p)
     return p
 
 
@@ -111,8 +110,7 @@ def config_from_args(args: argparse.Namespace) -> JudgeConfig:
         max_model_len=args.max_model_len,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
-        progress=args.progress,
-        **execution_kwargs(args),
+        execution=execution_from_args(args),
     )
 
 

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.grid.config import DTYPES, GridConfigError, resolve_model
+from rotserve.fanout import DTYPES, ExecutionConfigError, ExecutionOptions
 from rotserve.judge.plan import JudgeItem, JudgePlan, make_judge_plan
 from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
 from rotserve.judge.rubrics import Rubric, RubricError, load_rubric
-from rotserve.paths import toy_judge_dir
+from rotserve.paths import ModelPathError, resolve_model, toy_judge_dir
 from rotserve.rundir import (
     MANIFEST,
     ROWS_DIR,
@@ -53,15 +53,7 @@ class JudgeConfig:
     max_model_len: int | None = None  # None: the judge's max positions, at most 8192
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
-    # execution only (as the grid's)
-    engines: int | None = None
-    gpus_per_engine: int | None = None
-    cpus_per_engine: int = 1
-    tensor_parallel_size: int | None = None
-    ray_address: str | None = None
-    max_engine_failures: int = 3
-    progress: bool = True
-    verbose: bool = False
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)  # never in the id
 
 
 @dataclass(frozen=True)
@@ -129,7 +121,7 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
         raise JudgeConfigError(f"--rubric {config.rubric}: {e}") from None
     try:
         judge, is_local = resolve_model(config.judge, flag="--judge")
-    except GridConfigError as e:
+    except ModelPathError as e:
         raise JudgeConfigError(str(e)) from None
     tokenizer, max_positions = _load_judge(judge, config.revision)
     context = config.max_model_len or min(max_positions or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
@@ -138,7 +130,7 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
             f"--max-model-len {context} is more than the judge's {max_positions} positions"
         )
     log(f"judge: building {rows.num_rows} prompts for {judge_slug(judge)} ({rubric.name})")
-    items = _items(rows, rubric, tokenizer, context, config.progress)
+    items = _items(rows, rubric, tokenizer, context, config.execution.progress)
     name = config.name or f"{judge_slug(judge)}.{rubric.name}"
     if not re.fullmatch(r"[\w][\w.-]*", name):
         raise JudgeConfigError(f"--name {name!r}: letters, digits, '.', '-' and '_' only")
@@ -162,17 +154,18 @@ def _check_numbers(c: JudgeConfig) -> None:
     checks = [
         (c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"),
         (c.shard_size >= 1, f"--shard-size must be at least 1, got {c.shard_size}"),
-        (c.engines is None or c.engines >= 1, f"--engines must be at least 1, got {c.engines}"),
-        (c.cpus_per_engine >= 1, f"--cpus-per-engine must be at least 1, got {c.cpus_per_engine}"),
         (
             c.max_model_len is None or c.max_model_len >= 16,
             f"--max-model-len must be at least 16, got {c.max_model_len}",
         ),
-        (c.max_engine_failures >= 0, "--max-engine-failures must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise JudgeConfigError(msg)
+    try:
+        c.execution.check()
+    except ExecutionConfigError as e:
+        raise JudgeConfigError(str(e)) from None
 
 
 def _run_manifest(run_dir: Path) -> dict[str, Any]:

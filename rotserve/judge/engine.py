@@ -15,10 +15,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from rotserve.grid.runner import EngineSpec, GridRunError, SpecWork, make_engine
+from rotserve.fanout import EngineSpec, FanOutError, Worker, make_engine
 from rotserve.judge.plan import JudgeShard
 from rotserve.judge.prompts import answer_budget
 from rotserve.rundir import VERDICT_SCHEMA
+
+
+class JudgeRunError(FanOutError):
+    """The judge gave no usable answer; finished parts are kept and a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class JudgeEngine:
     """One stock engine (rotserve's engine with no plane) that answers with a label."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        if spec.plane_path is not None:
+        if spec.steered:
             raise ValueError("a judge engine serves the stock model: its spec has no plane")
         self.engine = make_engine(spec)
         self.llm = self.engine.llm
@@ -64,12 +68,36 @@ class JudgeEngine:
 JudgeFactory = Callable[[EngineSpec], Any]
 
 
+@dataclass(frozen=True)
+class JudgeWorkerSpec:
+    """What every judge actor is built from: its stock engine and the verdicts' constants.
+    `engine_factory` None: the real JudgeEngine."""
+
+    engine: EngineSpec
+    verdicts: VerdictContext
+    engine_factory: JudgeFactory | None = None
+
+
+class JudgeWorker(Worker):
+    """A judge engine in one actor, turning shards of judge prompts into verdicts."""
+
+    def __init__(self, spec: JudgeWorkerSpec) -> None:
+        self.engine = (spec.engine_factory or JudgeEngine)(spec.engine)
+        self.verdicts = spec.verdicts
+
+    def __call__(self, shard: JudgeShard) -> pa.Table:
+        return judge_shard(self.engine, shard, self.verdicts)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table:
     """One shard's verdicts in ONE generate call; rule-labelled rows need no engine."""
     asked = [it for it in shard.items if it.rule_label is None]
     answers = engine.choose([it.token_ids for it in asked], ctx.labels) if asked else []
     if len(answers) != len(asked):
-        raise GridRunError(f"the judge returned {len(answers)} answers for {len(asked)} prompts")
+        raise JudgeRunError(f"the judge returned {len(answers)} answers for {len(asked)} prompts")
     by_key = {it.row_key: a for it, a in zip(asked, answers, strict=True)}
     rows = []
     for it in shard.items:
@@ -78,7 +106,7 @@ def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table
             raw, finish = by_key[it.row_key]
             label = raw.strip()
             if label not in ctx.labels:  # guided choice makes this impossible; say so if not
-                raise GridRunError(
+                raise JudgeRunError(
                     f"the judge answered {raw!r} (finish {finish}) for row {it.row_key}, not one "
                     f"of the labels {list(ctx.labels)}: structured outputs did not hold"
                 )
@@ -96,15 +124,3 @@ def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table
             }
         )
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)
-
-
-@dataclass(frozen=True)
-class JudgeWork(SpecWork):
-    """The judge's shard work for the grid's FanOut (spec: EngineSpec without a plane, ctx:
-    VerdictContext; the grid's is GridWork)."""
-
-    def make(self, spec: EngineSpec) -> JudgeEngine:
-        return JudgeEngine(spec)
-
-    def run(self, engine: Any, shard: JudgeShard) -> pa.Table:
-        return judge_shard(engine, shard, self.ctx)

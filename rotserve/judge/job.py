@@ -1,26 +1,23 @@
-"""The judge job, as its stages (the grid's machinery, on a verdict table):
+"""The judge job, as its stages (on rotserve.fanout, into a verdict table):
 
 resolve   check run directory, rubric, judge; build every row's prompt   (config.py)
 plan      one item per row, by row key, cut into deterministic shards    (plan.py; pure)
 open      the verdict table: new, resume or refuse                       (store.py)
-run       judge engines on Ray pull shards; each becomes a part          (grid's FanOut)
-finish    every shard on disk once; the table's manifest                 (grid's run_attempt)
+run       judge engines on Ray turn shards into verdicts, one part each  (engine.py)
+finish    every shard on disk once; the table's manifest                 (rotserve.fanout)
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.grid.cluster import Placement, engine_spec
-from rotserve.grid.job import run_attempt, run_shards
-from rotserve.grid.manifest import git_commit, now, package_versions
-from rotserve.grid.runner import FanOutStats
+from rotserve.fanout import Job, Placement, engine_spec, now, provenance, run_attempt
+from rotserve.fanout.job import log
 from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
-from rotserve.judge.engine import JudgeFactory, JudgeWork, VerdictContext
+from rotserve.judge.engine import JudgeFactory, JudgeWorker, JudgeWorkerSpec, VerdictContext
 from rotserve.judge.prompts import TRUNCATION_RULE
 from rotserve.judge.store import VerdictStore
 from rotserve.rundir import VERDICT_FORMAT, VERDICT_SCHEMA, part_files_in
@@ -58,29 +55,27 @@ def run_judge(
     Raises JudgeConfigError (or RunDirError) before Ray or any engine starts.
     """
     t0 = time.perf_counter()
-    resolved = resolve(config, log=_log)
+    resolved = resolve(config, log=log)
     plan = resolved.plan
     store, state = VerdictStore.open(
         resolved.run_dir, resolved.name, resolved.run_id, resolved.verdict_id, config.overwrite
     )
     try:
-        timings = {"resolve_s": time.perf_counter() - t0}
         manifest = verdict_manifest(resolved, store.read_manifest(), argv)
-        attempt = run_attempt(
-            store,
-            plan,
-            manifest,
-            state,
-            lambda pending, done: _run_pending(
-                resolved, pending, store, done, engine_factory, timings
-            ),
-            t0,
-            timings,
-            f"judge {resolved.name}: {plan.n_rows} rows of run {resolved.run_id} "
+        job = Job(
+            name="judge",
+            actor_prefix=f"rotserve-judge-{resolved.run_id}-{resolved.verdict_id}",
+            plan=plan,
+            store=store,
+            worker=JudgeWorker,
+            worker_spec=JudgeSpec(resolved, engine_factory),
+            options=config.execution,
+            headline=f"judge {resolved.name}: {plan.n_rows} rows of run {resolved.run_id} "
             f"({plan.n_rows - resolved.n_rule} to the judge, {resolved.n_rule} by the rubric's "
             f"rule, {resolved.n_truncated} truncated), {len(plan.shards)} shards -> "
             f"{store.parts_dir}",
         )
+        attempt = run_attempt(job, manifest, state, t0)
         counts = label_counts(store.parts_dir)
         manifest["labels_counted"] = counts
         store.write_manifest(manifest)
@@ -99,7 +94,7 @@ def run_judge(
             shards_total=len(plan.shards),
             shards_skipped=attempt.skipped,
             shards_written=stats.shards_written,
-            wall_s=timings["total_s"],
+            wall_s=attempt.timings["total_s"],
             rows_per_s=attempt.rows_per_s,
             engine_failures=stats.engine_failures,
             label_counts=counts,
@@ -165,49 +160,30 @@ def verdict_manifest(
         "schema": [
             {"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in VERDICT_SCHEMA
         ],
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "python": sys.version.split()[0],
+        **provenance(),
         "attempts": list(previous.get("attempts", [])),
     }
 
 
-def _run_pending(
-    resolved: ResolvedJudge,
-    pending: list[str],
-    store: VerdictStore,
-    done: set[str],
-    engine_factory: JudgeFactory | None,
-    timings: dict[str, float],
-) -> FanOutStats:
-    c = resolved.config
+class JudgeSpec:
+    """The spec of every judge actor at a placement: the stock judge engine, its context
+    length, and the verdicts' constants."""
 
-    def work(where: Placement) -> JudgeWork:
-        spec = engine_spec(c, where, resolved.judge, llm_kwargs={"max_model_len": resolved.context})
-        ctx = VerdictContext(
-            run_id=resolved.run_id,
-            judge=resolved.judge,
-            rubric=resolved.rubric.name,
-            labels=resolved.rubric.labels,
+    def __init__(self, resolved: ResolvedJudge, engine_factory: JudgeFactory | None) -> None:
+        self.resolved = resolved
+        self.engine_factory = engine_factory
+
+    def __call__(self, where: Placement) -> JudgeWorkerSpec:
+        r, c = self.resolved, self.resolved.config
+        engine = engine_spec(
+            where,
+            r.judge,
+            dtype=c.dtype,
+            enforce_eager=c.enforce_eager,
+            revision=c.revision,
+            llm_kwargs={"max_model_len": r.context},
         )
-        return JudgeWork(spec, ctx, engine_factory)
-
-    return run_shards(
-        c,
-        resolved.plan,
-        pending,
-        store,
-        done,
-        work,
-        timings,
-        name=f"rotserve-judge-{resolved.run_id}-{resolved.verdict_id}",
-        desc="judge",
-        max_engine_failures=c.max_engine_failures,
-        progress=c.progress,
-    )
-
-
-def _log(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
+        verdicts = VerdictContext(
+            run_id=r.run_id, judge=r.judge, rubric=r.rubric.name, labels=r.rubric.labels
+        )
+        return JudgeWorkerSpec(engine, verdicts, self.engine_factory)

@@ -1,6 +1,6 @@
 """A verdict table of a run: RUN_DIR/verdicts/<name>/part-*.parquet and <name>.json beside it.
 
-The grid's part machinery (rotserve.grid.store.PartStore: one writer at a time, atomic parts,
+The fan-out's part machinery (rotserve.fanout.PartStore: one writer at a time, atomic parts,
 resume by counting each part's rows) on another folder, with its own temporary folder and lock
 (RUN_DIR/_tmp/verdicts-<name>/), so a judge never touches the grid's files and two judges of
 one run never touch each other's.
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from rotserve.grid.store import PartStore
+from rotserve.fanout import PartStore
 from rotserve.rundir import (
     TMP_DIR,
     VERDICT_SCHEMA,

@@ -11,7 +11,7 @@ from rotserve.cli import DefaultsFormatter
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=(
-            "Summarise a grid run directory: per dataset, mode and angle, the refusal rate, mean "
+            "Summarise a grid run directory: per dataset, mask and angle, the refusal rate, mean "
             "output tokens, mean fluency and n, as summary.csv and summary.md, plus a polar plot "
             "of refusal rate against angle (refusal_polar.png); for every verdict table of `rotserve "
             "judge`, each label's share per angle (verdicts.csv, verdicts.md), a polar plot per "

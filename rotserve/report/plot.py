@@ -1,9 +1,9 @@
-"""Polar plot of refusal rate against steering angle: one panel per mode, one trace per dataset.
+"""Polar plot of refusal rate against steering angle: one panel per mask, one trace per dataset.
 
 The baseline (no steering) rate of each dataset is drawn as a dashed circle in the trace's
 colour, so "steering raised/lowered refusal" reads as inside/outside the circle.
 
-A plane/window sweep instead gets one panel per (dataset, mode) with one trace per
+A plane/window sweep instead gets one panel per (dataset, mask) with one trace per
 (plane, window) setting, overlaid, and the dataset's baseline as a dashed black circle.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rotserve.report.summary import BASELINE, SummaryRow, datasets, modes, settings
+from rotserve.report.summary import BASELINE, SummaryRow, datasets, masks, settings
 
 
 def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
@@ -27,7 +27,7 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
     if len(named) > 1 or (named and named[0]):
         return _settings_plot(plt, rows, named, path, title)
 
-    panels = modes(rows)
+    panels = masks(rows)
     if not panels:  # baseline-only run: nothing to draw against angle; still write a plot
         panels = [BASELINE]
     fig, axes = plt.subplots(
@@ -39,11 +39,11 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
     )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     circle = [2 * math.pi * i / 360 for i in range(361)]
-    for ax, mode in zip(axes[0], panels, strict=True):
+    for ax, mask in zip(axes[0], panels, strict=True):
         for i, d in enumerate(datasets(rows)):
             colour = colours[i % len(colours)]
             pts = sorted(
-                (r.angle, r.refusal_rate) for r in rows if r.dataset == d and r.mode == mode
+                (r.angle, r.refusal_rate) for r in rows if r.dataset == d and r.mask == mask
             )
             if pts:
                 theta = [math.radians(a) for a, _ in pts]
@@ -52,7 +52,7 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
                     theta.append(theta[0] + 2 * math.pi)
                     rate.append(rate[0])
                 ax.plot(theta, rate, "-o", color=colour, markersize=3, linewidth=1.6, label=d)
-            base = next((r for r in rows if r.dataset == d and r.mode == BASELINE), None)
+            base = next((r for r in rows if r.dataset == d and r.mask == BASELINE), None)
             if base is not None:
                 ax.plot(
                     circle,
@@ -66,7 +66,7 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_yticks([0.25, 0.5, 0.75, 1.0])
         ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
-        ax.set_title(f"{mode} mode" if mode != BASELINE else "baseline", pad=14)
+        ax.set_title(f"{mask} mask" if mask != BASELINE else "baseline", pad=14)
     handles, labels = axes[0][0].get_legend_handles_labels()
     ncol = max(1, min(len(labels), 2 * len(panels)))  # two entries (trace, baseline) per dataset
     rows = -(-len(labels) // ncol)
@@ -82,8 +82,8 @@ def polar_plot(rows: Sequence[SummaryRow], path: Path, title: str = "") -> Path:
 def _settings_plot(
     plt: Any, rows: Sequence[SummaryRow], named: list[str], path: Path, title: str
 ) -> Path:
-    """A panel per (dataset, mode), a trace per (plane, window) setting."""
-    ds, panels = datasets(rows), modes(rows)
+    """A panel per (dataset, mask), a trace per (plane, window) setting."""
+    ds, panels = datasets(rows), masks(rows)
     fig, axes = plt.subplots(
         len(ds),
         len(panels),
@@ -94,13 +94,13 @@ def _settings_plot(
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     circle = [2 * math.pi * i / 360 for i in range(361)]
     for row_axes, d in zip(axes, ds, strict=True):
-        base = next((r for r in rows if r.dataset == d and r.mode == BASELINE), None)
-        for ax, mode in zip(row_axes, panels, strict=True):
+        base = next((r for r in rows if r.dataset == d and r.mask == BASELINE), None)
+        for ax, mask in zip(row_axes, panels, strict=True):
             for i, setting in enumerate(named):
                 pts = sorted(
                     (r.angle, r.refusal_rate)
                     for r in rows
-                    if r.dataset == d and r.mode == mode and r.setting == setting
+                    if r.dataset == d and r.mask == mask and r.setting == setting
                 )
                 if not pts:
                     continue
@@ -117,7 +117,7 @@ def _settings_plot(
             ax.set_ylim(0, 1.05)
             ax.set_yticks([0.25, 0.5, 0.75, 1.0])
             ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
-            ax.set_title(f"{d}, {mode} mode", pad=14)
+            ax.set_title(f"{d}, {mask} mask", pad=14)
     handles, labels = axes[0][0].get_legend_handles_labels()
     ncol = max(1, min(len(labels), 4))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rotserve.rundir import is_default_setting
+
 BASELINE = "baseline"
-MODE_ORDER = (BASELINE, "plain", "adaptive")
+MASK_ORDER = (BASELINE, "plain", "adaptive")
 REFUSING = 0.5  # an angle "refuses" for a dataset when at least half its rows are refusals
 
 
 @dataclass(frozen=True)
 class SummaryRow:
     dataset: str
-    mode: str  # baseline | plain | adaptive
+    mask: str  # baseline | plain | adaptive
     angle: float | None  # degrees; None for the baseline
     n: int
     refusal_rate: float
@@ -36,34 +38,34 @@ class SummaryRow:
 
 
 def setting_of(angle: float | None, plane: str | None, window: str | None) -> str:
-    if angle is None or (plane, window) in ((None, None), ("default", "all")):
+    if angle is None or is_default_setting(plane, window):
         return ""
     return f"{plane} [{window}]"
 
 
 def settings(rows: Sequence[SummaryRow]) -> list[str]:
     """The (plane, window) settings of the steered rows, first-seen order."""
-    return list(dict.fromkeys(r.setting for r in rows if r.mode != BASELINE))
+    return list(dict.fromkeys(r.setting for r in rows if r.mask != BASELINE))
 
 
 def by_setting(rows: Sequence[SummaryRow]) -> list[tuple[str, list[SummaryRow]]]:
     """Each setting's rows plus the baseline rows, so every per-setting view has its
     reference; a single unnamed setting gives [("", rows)]."""
-    base = [r for r in rows if r.mode == BASELINE]
+    base = [r for r in rows if r.mask == BASELINE]
     return [
-        (s, base + [r for r in rows if r.mode != BASELINE and r.setting == s])
+        (s, base + [r for r in rows if r.mask != BASELINE and r.setting == s])
         for s in settings(rows)
     ] or [("", list(rows))]
 
 
-def mode_of(angle: float | None, adaptive: bool) -> str:
+def mask_of(angle: float | None, adaptive: bool) -> str:
     if angle is None:
         return BASELINE
     return "adaptive" if adaptive else "plain"
 
 
 def summarize(table: pa.Table) -> list[SummaryRow]:
-    """One SummaryRow per (dataset, mode, angle), datasets in first-seen order, baseline first."""
+    """One SummaryRow per (dataset, mask, angle), datasets in first-seen order, baseline first."""
     names = ("dataset", "angle", "adaptive", "refusal", "output_tokens", "fluency", "nll")
     cols = {name: table.column(name).to_pylist() for name in names}
     # Runs written before plane/window sweeps have neither column: one unnamed setting.
@@ -84,7 +86,7 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
         setting = setting_of(angle, plane, window)
         if setting not in setting_order:
             setting_order.append(setting)
-        a = acc[(ds, mode_of(angle, adaptive), setting, angle)]
+        a = acc[(ds, mask_of(angle, adaptive), setting, angle)]
         a[0] += 1
         a[1] += bool(refused)
         a[2] += tokens
@@ -93,16 +95,16 @@ def summarize(table: pa.Table) -> list[SummaryRow]:
             a[4] += nll
             a[5] += 1
     rows = []
-    for (ds, mode, setting, angle), (n, r, t, f, nll_sum, n_nll) in acc.items():
+    for (ds, mask, setting, angle), (n, r, t, f, nll_sum, n_nll) in acc.items():
         mean_nll = nll_sum / n_nll if n_nll else None
         ppl = math.exp(min(mean_nll, 700.0)) if mean_nll is not None else None
         rows.append(
-            SummaryRow(ds, mode, angle, int(n), r / n, t / n, f / n, mean_nll, ppl, setting)
+            SummaryRow(ds, mask, angle, int(n), r / n, t / n, f / n, mean_nll, ppl, setting)
         )
     rows.sort(
         key=lambda s: (
             order.index(s.dataset),
-            MODE_ORDER.index(s.mode),
+            MASK_ORDER.index(s.mask),
             setting_order.index(s.setting),
             -1.0 if s.angle is None else s.angle,
         )
@@ -140,13 +142,13 @@ def datasets(rows: Sequence[SummaryRow]) -> list[str]:
     return list(dict.fromkeys(r.dataset for r in rows))
 
 
-def modes(rows: Sequence[SummaryRow]) -> list[str]:
-    present = {r.mode for r in rows}
-    return [m for m in MODE_ORDER if m in present and m != BASELINE]
+def masks(rows: Sequence[SummaryRow]) -> list[str]:
+    present = {r.mask for r in rows}
+    return [m for m in MASK_ORDER if m in present and m != BASELINE]
 
 
 def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
-    """One wide table per mode (and per plane/window setting of a sweep): a row per angle
+    """One wide table per mask (and per plane/window setting of a sweep): a row per angle
     (baseline first), three columns per dataset."""
     groups = by_setting(rows)
     if len(groups) > 1 or groups[0][0]:
@@ -160,7 +162,7 @@ def markdown(rows: Sequence[SummaryRow], title: str = "") -> str:
 
 def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> str:
     ds = datasets(rows)
-    by = {(r.dataset, r.mode, r.angle): r for r in rows}
+    by = {(r.dataset, r.mask, r.angle): r for r in rows}
     out = [f"{level} {title}", ""] if title else []
     sub = level + "#"
     out.append(
@@ -170,17 +172,17 @@ def _markdown(rows: Sequence[SummaryRow], title: str = "", level: str = "#") -> 
         + ", ".join(f"{d} {_n(rows, d)}" for d in ds)
         + "."
     )
-    for mode in modes(rows) or [BASELINE]:
-        out += ["", f"{sub} {mode} mode" if mode != BASELINE else f"{sub} baseline only", ""]
+    for mask in masks(rows) or [BASELINE]:
+        out += ["", f"{sub} {mask} mask" if mask != BASELINE else f"{sub} baseline only", ""]
         kinds = ("refusal", "fluency", "nll", "tokens")
         header = ["angle"] + [f"{d} {k}" for d in ds for k in kinds]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---:"] * len(header)) + "|")
-        angles = [None] + sorted({r.angle for r in rows if r.mode == mode and r.angle is not None})
+        angles = [None] + sorted({r.angle for r in rows if r.mask == mask and r.angle is not None})
         for a in angles:
             cells = [_angle(a)]
             for d in ds:
-                r = by.get((d, BASELINE if a is None else mode, a))
+                r = by.get((d, BASELINE if a is None else mask, a))
                 cells += (
                     [
                         f"{r.refusal_rate:.2f}",
@@ -228,7 +230,7 @@ def refusal_arcs(
 
 
 def short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
-    """The console summary: per mode and dataset, where it refuses; then a compact angle table
+    """The console summary: per mask and dataset, where it refuses; then a compact angle table
     (one block per plane/window setting of a sweep)."""
     groups = by_setting(rows)
     if len(groups) > 1 or groups[0][0]:
@@ -240,7 +242,7 @@ def short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
 
 def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
     ds = datasets(rows)
-    by = {(r.dataset, r.mode, r.angle): r for r in rows}
+    by = {(r.dataset, r.mask, r.angle): r for r in rows}
     lines: list[str] = []
     for d in ds:
         base = by.get((d, BASELINE, None))
@@ -249,10 +251,10 @@ def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
                 f"{d}: baseline refusal {base.refusal_rate:.2f}, "
                 f"fluency {base.mean_fluency:.2f} (n={base.n})"
             )
-    for mode in modes(rows):
-        lines += ["", f"{mode} mode:"]
+    for mask in masks(rows):
+        lines += ["", f"{mask} mask:"]
         for d in ds:
-            pts = [(r.angle, r.refusal_rate) for r in rows if r.dataset == d and r.mode == mode]
+            pts = [(r.angle, r.refusal_rate) for r in rows if r.dataset == d and r.mask == mask]
             if not pts:
                 continue
             hi = max(pts, key=lambda p: p[1])
@@ -264,7 +266,7 @@ def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
                 f"max {hi[1]:.2f} at {hi[0]:g}°, "
                 f"min {lo[1]:.2f} at {lo[0]:g}°"
             )
-        angles = sorted({r.angle for r in rows if r.mode == mode and r.angle is not None})
+        angles = sorted({r.angle for r in rows if r.mask == mask and r.angle is not None})
         step = max(1, math.ceil(len(angles) / max_angles))
         shown = angles[::step]
         note = f" (one angle in {step}; all of them in summary.md)" if step > 1 else ""
@@ -274,7 +276,7 @@ def _short_text(rows: Sequence[SummaryRow], max_angles: int = 24) -> str:
         for a in [None, *shown]:
             cells = []
             for d in ds:
-                r = by.get((d, BASELINE if a is None else mode, a))
+                r = by.get((d, BASELINE if a is None else mask, a))
                 cells.append(
                     (f"{r.refusal_rate:.2f} ({r.mean_fluency:.2f})" if r else "-").rjust(width + 4)
                 )

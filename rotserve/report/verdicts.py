@@ -1,4 +1,4 @@
-"""The judges' side of the report: per dataset × mode × angle, each label's share, for every
+"""The judges' side of the report: per dataset × mask × angle, each label's share, for every
 verdict table of the run; a polar plot per table (one line per label) and example generations
 per label and angle region.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rotserve.report.summary import BASELINE, MODE_ORDER, mode_of, setting_of
+from rotserve.report.summary import BASELINE, MASK_ORDER, mask_of, setting_of
 from rotserve.rundir import (
     RunDirError,
     read_verdict_manifest,
@@ -35,7 +35,7 @@ EXAMPLES_PER_CELL = 2
 class LabelShare:
     table: str  # the verdict table's name (<judge>.<rubric>)
     dataset: str
-    mode: str  # baseline | plain | adaptive
+    mask: str  # baseline | plain | adaptive
     angle: float | None
     label: str
     n: int  # rows in the cell
@@ -62,7 +62,7 @@ def region_of(angle: float | None) -> str:
 
 
 def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence[str]) -> list:
-    """One LabelShare per (dataset, mode, angle, label) of the judged rows, in report order."""
+    """One LabelShare per (dataset, mask, angle, label) of the judged rows, in report order."""
     by_key = dict(
         zip(
             verdicts.column("row_key").to_pylist(),
@@ -84,20 +84,20 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
         setting = setting_of(angle, plane, window)
         if setting not in settings:
             settings.append(setting)
-        cells[(ds, mode_of(angle, adaptive), setting, angle)][by_key[key]] += 1
+        cells[(ds, mask_of(angle, adaptive), setting, angle)][by_key[key]] += 1
     out = []
-    for (ds, mode, setting, angle), counts in sorted(
+    for (ds, mask, setting, angle), counts in sorted(
         cells.items(),
         key=lambda kv: (
             order.index(kv[0][0]),
-            MODE_ORDER.index(kv[0][1]),
+            MASK_ORDER.index(kv[0][1]),
             settings.index(kv[0][2]),
             -1.0 if kv[0][3] is None else kv[0][3],
         ),
     ):
         n = sum(counts.values())
         out += [
-            LabelShare(name, ds, mode, angle, lb, n, counts.get(lb, 0) / n, setting)
+            LabelShare(name, ds, mask, angle, lb, n, counts.get(lb, 0) / n, setting)
             for lb in labels
         ]
     return out
@@ -105,7 +105,7 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
 
 def steered_settings(shares: Sequence[LabelShare]) -> list[str]:
     """The (plane, window) settings of a sweep in first-seen order; [""] for a plain run."""
-    return list(dict.fromkeys(s.setting for s in shares if s.mode != BASELINE)) or [""]
+    return list(dict.fromkeys(s.setting for s in shares if s.mask != BASELINE)) or [""]
 
 
 def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
@@ -113,7 +113,7 @@ def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["table", "dataset", "mode", *(["setting"] if sweep else []), "angle"]
+            ["table", "dataset", "mask", *(["setting"] if sweep else []), "angle"]
             + [
                 "label",
                 "n",
@@ -123,37 +123,37 @@ def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
         for s in shares:
             angle = "" if s.angle is None else f"{s.angle:g}"
             where = [s.setting] if sweep else []
-            w.writerow([s.table, s.dataset, s.mode, *where, angle, s.label, s.n, f"{s.share:.4f}"])
+            w.writerow([s.table, s.dataset, s.mask, *where, angle, s.label, s.n, f"{s.share:.4f}"])
     return path
 
 
 def shares_markdown(report: VerdictReport) -> str:
-    """Per mode, a row per angle (baseline first), a column per dataset × label."""
+    """Per mask, a row per angle (baseline first), a column per dataset × label."""
     shares = report.shares
     ds = list(dict.fromkeys(s.dataset for s in shares))
-    by = {(s.dataset, s.mode, s.setting, s.angle, s.label): s for s in shares}
+    by = {(s.dataset, s.mask, s.setting, s.angle, s.label): s for s in shares}
     out = [f"## verdicts {report.name}", ""]
     out.append("Share of each label per dataset and angle; n rows per cell as in summary.md.")
     if report.rule:
         out.append(f"Rule: {report.rule}.")
     if report.truncated:
         out.append(f"{report.truncated} generation(s) were cut to fit the judge's context.")
-    modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
+    masks = [m for m in MASK_ORDER if m != BASELINE and any(s.mask == m for s in shares)]
     for setting in steered_settings(shares):
-        for mode in modes or [BASELINE]:
+        for mask in masks or [BASELINE]:
             where = f"{setting}, " if setting else ""
-            out += ["", f"### {where}{mode} mode" if mode != BASELINE else "### baseline only", ""]
+            out += ["", f"### {where}{mask} mask" if mask != BASELINE else "### baseline only", ""]
             header = ["angle"] + [f"{d} {lb}" for d in ds for lb in report.labels]
             out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
             angles = [None] + sorted(
                 {
                     s.angle
                     for s in shares
-                    if s.mode == mode and s.setting == setting and s.angle is not None
+                    if s.mask == mask and s.setting == setting and s.angle is not None
                 }
             )
             for a in angles:
-                key = (BASELINE, "") if a is None else (mode, setting)
+                key = (BASELINE, "") if a is None else (mask, setting)
                 cells = [BASELINE if a is None else f"{a:g}°"]
                 for d in ds:
                     for lb in report.labels:
@@ -165,20 +165,20 @@ def shares_markdown(report: VerdictReport) -> str:
 
 
 def short_text(report: VerdictReport, max_angles: int = 12) -> str:
-    """Console lines: per mode and dataset, the most common label at each angle."""
+    """Console lines: per mask and dataset, the most common label at each angle."""
     shares = report.shares
     lines = [f"verdicts {report.name}: most common label (share) per angle"]
     groups = [(BASELINE, "")] + [
         (m, st)
         for st in steered_settings(shares)
-        for m in MODE_ORDER
-        if m != BASELINE and any(s.mode == m for s in shares)
+        for m in MASK_ORDER
+        if m != BASELINE and any(s.mask == m for s in shares)
     ]
-    for mode, setting in groups:
+    for mask, setting in groups:
         for d in dict.fromkeys(s.dataset for s in shares):
             cells: dict[float | None, LabelShare] = {}
             for s in shares:
-                if s.dataset == d and s.mode == mode and s.setting == setting:
+                if s.dataset == d and s.mask == mask and s.setting == setting:
                     best = cells.get(s.angle)
                     if best is None or s.share > best.share:
                         cells[s.angle] = s
@@ -189,22 +189,22 @@ def short_text(report: VerdictReport, max_angles: int = 12) -> str:
                 for a in angles[::step]
             ]
             if shown:
-                lines.append(f"  {mode}{f' {setting}' if setting else ''} {d}: " + "; ".join(shown))
+                lines.append(f"  {mask}{f' {setting}' if setting else ''} {d}: " + "; ".join(shown))
     return "\n".join(lines)
 
 
 def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
-    """One panel per (mode, dataset), one line per label; baselines as dashed circles."""
+    """One panel per (mask, dataset), one line per label; baselines as dashed circles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shares = report.shares
-    modes = [m for m in MODE_ORDER if m != BASELINE and any(s.mode == m for s in shares)]
+    masks = [m for m in MASK_ORDER if m != BASELINE and any(s.mask == m for s in shares)]
     ds = list(dict.fromkeys(s.dataset for s in shares))
-    # A row of panels per (setting, mode): a sweep's planes and windows side by side.
-    lines = [(st, m) for st in steered_settings(shares) for m in modes] or [("", BASELINE)]
+    # A row of panels per (setting, mask): a sweep's planes and windows side by side.
+    lines = [(st, m) for st in steered_settings(shares) for m in masks] or [("", BASELINE)]
     panels = [(st, m, d) for st, m in lines for d in ds]
     fig, axes = plt.subplots(
         len(lines),
@@ -215,14 +215,14 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
     )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     circle = [2 * math.pi * i / 360 for i in range(361)]
-    for ax, (setting, mode, d) in zip(axes.flat, panels, strict=True):
+    for ax, (setting, mask, d) in zip(axes.flat, panels, strict=True):
         for i, lb in enumerate(report.labels):
             colour = colours[i % len(colours)]
             pts = sorted(
                 (s.angle, s.share)
                 for s in shares
                 if s.dataset == d
-                and s.mode == mode
+                and s.mask == mask
                 and s.setting == setting
                 and s.label == lb
                 and s.angle is not None
@@ -235,7 +235,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
                     val.append(val[0])
                 ax.plot(theta, val, "-o", color=colour, markersize=2.5, linewidth=1.5, label=lb)
             base = next(
-                (s for s in shares if s.dataset == d and s.mode == BASELINE and s.label == lb),
+                (s for s in shares if s.dataset == d and s.mask == BASELINE and s.label == lb),
                 None,
             )
             if base is not None and base.share > 0:
@@ -245,7 +245,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
         ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7)
         where = f"{setting}, " if setting else ""
         ax.set_title(
-            f"{d}, {where}{mode}" if mode != BASELINE else f"{d}, baseline", pad=12, fontsize=10
+            f"{d}, {where}{mask}" if mask != BASELINE else f"{d}, baseline", pad=12, fontsize=10
         )
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
@@ -259,7 +259,7 @@ def polar_plot(report: VerdictReport, path: Path, title: str) -> Path:
 
 
 def examples_markdown(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence[str]) -> str:
-    """Up to EXAMPLES_PER_CELL generations per (label, mode, angle region), first by row key."""
+    """Up to EXAMPLES_PER_CELL generations per (label, mask, angle region), first by row key."""
     by_key = dict(
         zip(
             verdicts.column("row_key").to_pylist(),
@@ -273,7 +273,7 @@ def examples_markdown(name: str, rows: pa.Table, verdicts: pa.Table, labels: Seq
         label = by_key.get(key)
         if label is None:
             continue
-        cell = picked[(label, mode_of(r["angle"], r["adaptive"]), region_of(r["angle"]))]
+        cell = picked[(label, mask_of(r["angle"], r["adaptive"]), region_of(r["angle"]))]
         if len(cell) < EXAMPLES_PER_CELL:
             cell.append(r)
     out = [f"# Example generations per label: {name}", ""]
@@ -282,12 +282,12 @@ def examples_markdown(name: str, rows: pa.Table, verdicts: pa.Table, labels: Seq
         cells = sorted((k, v) for k, v in picked.items() if k[0] == lb)
         if not cells:
             out += ["(no row got this label)", ""]
-        for (_, mode, region), rs in cells:
+        for (_, mask, region), rs in cells:
             for r in rs:
                 angle = "baseline" if r["angle"] is None else f"{r['angle']:g}°"
                 text = r["generation"].replace("\n", " ").strip() or "(empty)"
                 out.append(
-                    f"- {mode}, {region} ({angle}, {r['dataset']}): "
+                    f"- {mask}, {region} ({angle}, {r['dataset']}): "
                     f"_{r['instruction']}_ → {text[:300]}"
                 )
         out.append("")
