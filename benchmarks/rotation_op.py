@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.child import child_env
 from rotserve.rotation import (
     ACTIVE,
     ADAPTIVE,
@@ -412,8 +413,6 @@ def run_in_child(options: dict[str, Any], log: Callable[[str], None]) -> dict[st
     import json
     import subprocess
     import sys
-
-    from benchmarks.runner import child_env
 
     env = child_env(GLIBC_TUNABLES=GLIBC_TUNABLES)
     proc = subprocess.run(

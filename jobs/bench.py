@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wait-max", type=float, default=2400.0, help="longest wait, seconds")
     args = p.parse_args(argv)
 
-    from benchmarks.runner import BenchSettings, run_bench, with_sections
+    from benchmarks.runner import run_bench
+    from benchmarks.settings import BenchSettings, with_sections
 
     # SIGTERM (a killed job) must still run the engines' shutdown in run_bench's finally:
     # otherwise the engine processes outlive the benchmark and keep their cores busy.

@@ -10,10 +10,9 @@ The public entry points, one per piece of the pipeline:
 Importing rotserve stays light: vLLM and Ray are imported only by the pieces that need them.
 """
 
+from rotserve._version import __version__
 from rotserve.plane import Plane, PlaneError, PlaneMeta, load_plane
 from rotserve.rotation import angle_table, rotate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Plane",

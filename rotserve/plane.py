@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rotserve._version import __version__
+
 # ‖b1‖, ‖b2‖ within this of 1 and |b1·b2| below it. float32 Gram-Schmidt on a hidden size of
 # 8192 lands around 1e-6; 1e-3 rejects planes that are wrong, not ones that are rounded.
 ORTHONORMAL_TOL = 1e-3
@@ -82,8 +84,6 @@ class Plane:
         if not meta.created:
             meta.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         if not meta.rotserve_version:
-            from rotserve import __version__
-
             meta.rotserve_version = __version__
         tmp = path.with_name(path.name + ".tmp")
         save_file(

@@ -12,7 +12,8 @@ import math
 import pytest
 
 from benchmarks.report import BEGIN, END, merge_partial
-from benchmarks.runner import TOP_LEVEL, BenchSettings, run_bench
+from benchmarks.runner import TOP_LEVEL, run_bench
+from benchmarks.settings import BenchSettings
 from benchmarks.timing import alternate
 
 

@@ -15,15 +15,14 @@ from rotserve.extract.activations import ActivationReader, PaddingError
 from rotserve.extract.candidates import (
     HARMFUL,
     HARMLESS,
-    SECOND_METHODS,
-    SELECT_METHODS,
     ClassSums,
     auroc,
     candidate_table,
     cohens_d,
-    select_first_axis,
 )
 from rotserve.extract.cli import build_parser, config_from_args, main
+from rotserve.extract.first_axis import SELECT_RULES, select_first_axis
+from rotserve.extract.second_axis import SECOND_METHODS
 from rotserve.hf.generate import load_hf_model
 from rotserve.hf.sites import UnsupportedArchitectureError
 from rotserve.plane import load_plane
@@ -172,7 +171,7 @@ def test_every_select_and_second_gives_an_orthonormal_plane(loaded):
     seen = {}
     # Each b1 rule with the default b2, each b2 rule with the default b1, and one mixed pair:
     # the two axes are chosen independently, so that covers every code path.
-    combos = [(s, "pca") for s in SELECT_METHODS] + [("max_sim", x) for x in SECOND_METHODS[1:]]
+    combos = [(s, "pca") for s in SELECT_RULES] + [("max_sim", x) for x in list(SECOND_METHODS)[1:]]
     for select, second in [*combos, ("separability", "per-sample")]:
         res = extract_from_loaded(model, tok, prompts, _cfg(select=select, second=second))
         _assert_orthonormal(res.plane)
@@ -346,6 +345,36 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch, tmp_path):
     assert f"(default: {tmp_path / 'toy-refusal'})" in build_parser().format_help()
 
 
+def test_the_rule_registries_are_what_the_cli_offers_and_controls_iterate(monkeypatch):
+    """One place per rule: --select's choices and help, the config check and --controls all
+    read SELECT_RULES (--second's choices SECOND_METHODS), so a rule registered there shows up
+    in each of them."""
+    from rotserve.extract.first_axis import FirstAxis, SelectRule
+    from rotserve.extract.pipeline import control_configs
+
+    def choices(parser, dest):
+        return next(a.choices for a in parser._actions if a.dest == dest)
+
+    assert choices(build_parser(), "select") == list(SELECT_RULES)
+    assert choices(build_parser(), "second") == list(SECOND_METHODS)
+    cfg = ExtractConfig(select="max_sim", holdout=0.25)
+    controls = [name for name in control_configs(cfg) if name.startswith("select-")]
+    assert controls == [f"select-{r}".replace("_", "-") for r in SELECT_RULES if r != "max_sim"]
+    # A rule that reads the held-out statistics is no control without held-out prompts.
+    assert "select-separability" not in control_configs(ExtractConfig(holdout=0.0))
+
+    def first_site(table, cands, usable):
+        return FirstAxis(cands.d[usable[0]], usable[0], "the first usable site")
+
+    monkeypatch.setitem(SELECT_RULES, "first_site", SelectRule(first_site, "the first\nsite"))
+    parser = build_parser()
+    assert "first_site" in choices(parser, "select")
+    assert "  first_site    the first\n                site\n" in parser.format_help()
+    assert config_from_args(parser.parse_args(["--select", "first_site"])).select == "first_site"
+    ExtractConfig(select="first_site").validate()
+    assert control_configs(cfg)["select-first-site"].select == "first_site"
+
+
 def test_statistics_helpers():
     import numpy as np
 
@@ -369,7 +398,7 @@ def test_separability_ties_are_broken_by_cohens_d():
 
 def test_per_sample_pca_streams_to_the_same_axis():
     """Chunked IncrementalPCA finds the axis a one-shot fit finds; b1 is projected out first."""
-    from rotserve.extract.candidates import PerSamplePCA
+    from rotserve.extract.second_axis import PerSamplePCA
 
     g = torch.Generator().manual_seed(0)
     hidden, n = 32, 200

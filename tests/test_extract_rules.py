@@ -15,17 +15,18 @@ import torch
 from rotserve.extract.candidates import (
     HARMFUL,
     HARMLESS,
-    SELECT_METHODS,
     Candidates,
     CandidateStat,
-    FirstAxis,
-    PerSamplePCA,
     all_sites,
     candidate_table,
+)
+from rotserve.extract.first_axis import SELECT_RULES, FirstAxis, select_first_axis
+from rotserve.extract.second_axis import (
+    PerSamplePCA,
+    SecondAxisInputs,
     last_pcs_plane,
     second_pca,
     second_random,
-    select_first_axis,
 )
 
 H = 6  # hidden size
@@ -53,10 +54,22 @@ def candidates(directions: list[torch.Tensor], norms: list[float]) -> Candidates
     return Candidates(r=r, d=d, means={})
 
 
+def b2_inputs(
+    b1: torch.Tensor, d: torch.Tensor | None = None, window: list[int] | None = None
+) -> SecondAxisInputs:
+    """What a --second method reads, from hand-built candidates d (no prompts to pass over)."""
+    d = torch.zeros(0, H) if d is None else d
+
+    def no_pass(name: str):
+        raise AssertionError(f"{name}: this test has no prompts to pass over")
+
+    return SecondAxisInputs(b1, Candidates(r=d, d=d, means={}), window or [], 0, no_pass)
+
+
 def all_picks(
     table: list[CandidateStat], cands: Candidates, window: list[int]
 ) -> dict[str, FirstAxis]:
-    return {m: select_first_axis(m, table, cands, window) for m in SELECT_METHODS}
+    return {m: select_first_axis(m, table, cands, window) for m in SELECT_RULES}
 
 
 def assert_same_direction(a: torch.Tensor, b: torch.Tensor, up_to_sign: bool = False) -> None:
@@ -198,7 +211,7 @@ def test_pca_b2_is_the_main_spread_of_the_candidates_orthogonalised_against_b1()
     """pca: b2 = PC1 of the centred candidates, Gram-Schmidt against b1."""
     d, window = pca_candidates()
     b1 = unit(e(0) + 0.5 * e(1))  # not orthogonal to PC1, so Gram-Schmidt has work to do
-    second = second_pca(d, window, b1)
+    second = second_pca(b2_inputs(b1, d, window))
     assert torch.allclose(second.b1, b1)
     # e1 minus its component along b1 = (-0.4, 0.8, 0, ...) ~ (-1, 2)/sqrt(5).
     expected = (-e(0) + 2 * e(1)) / math.sqrt(5)
@@ -206,7 +219,7 @@ def test_pca_b2_is_the_main_spread_of_the_candidates_orthogonalised_against_b1()
     assert abs(float(second.b1 @ second.b2)) < 1e-6
     assert second.info["explained_variance_ratio"] > 0.9
     # A random b2 is another direction (the last-pcs test shows pca and last-pcs disagree).
-    assert_other_direction(second_random(b1, 0).b2, expected)
+    assert_other_direction(second_random(b2_inputs(b1)).b2, expected)
 
 
 def last_pcs_candidates() -> tuple[torch.Tensor, list[int]]:
@@ -235,14 +248,14 @@ def test_last_pcs_plane_is_the_last_two_meaningful_pcs_with_b1_toward_the_first_
     to it inside the plane."""
     d, window = last_pcs_candidates()
     reference = unit(e(0) + e(1) + e(3) + 2 * e(4))  # its projection on span(e3, e4): (1, 2)
-    second = last_pcs_plane(d, window, reference)
+    second = last_pcs_plane(b2_inputs(reference, d, window))
     assert second.info["components"] == [3, 4]
     assert_same_direction(second.b1, e(3) + 2 * e(4))  # with its sign: toward the reference
     assert_same_direction(second.b2, -2 * e(3) + e(4), up_to_sign=True)
     assert abs(float(second.b1 @ second.b2)) < 1e-6
     assert second.info["ref_cos_in_plane"] == pytest.approx(math.sqrt(5) / math.sqrt(7), 1e-5)
     # pca on the same candidates takes the main spread instead: e1 (orthogonalised vs b1).
-    assert_same_direction(second_pca(d, window, second.b1).b2, e(1), up_to_sign=True)
+    assert_same_direction(second_pca(b2_inputs(second.b1, d, window)).b2, e(1), up_to_sign=True)
 
 
 def per_sample_data() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -277,7 +290,7 @@ def test_per_sample_b2_is_the_main_spread_of_the_per_prompt_candidates_beside_b1
     assert_same_direction(second.b2, e(3), up_to_sign=True)
     assert abs(float(second.b1 @ second.b2)) < 1e-6
     assert second.info["rows"] == 2 * 6 * 2 and second.info["rows_dropped"] == 0
-    assert_other_direction(second_random(b1, 0).b2, e(3))
+    assert_other_direction(second_random(b2_inputs(b1)).b2, e(3))
 
 
 def test_per_sample_candidates_are_measured_from_the_other_class_mean():

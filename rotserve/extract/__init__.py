@@ -10,7 +10,9 @@ Where things are:
 
 - config.py      ExtractConfig: every choice of an extraction, and the CLI's defaults
 - pipeline.py    extract_plane / extract_from_loaded: the passes over the prompts, b1, b2
-- candidates.py  the statistics (pure math: candidates, AUROC, the b1 rules, the b2 rules)
+- candidates.py  the statistics (pure math: sites, candidates, AUROC, Cohen's d)
+- first_axis.py  the --select rules for b1, one registered function each
+- second_axis.py the --second methods for b2, one registered function each
 - activations.py reading the residual stream at every site (batched forward passes)
 - inputs.py      prompt files, chat template, the provenance recorded in the plane
 - result.py      ExtractionResult and its text summary

@@ -1,14 +1,14 @@
-"""The statistics behind a plane: candidates, their evidence, and the choice of b1 and b2.
+"""The statistics behind a plane: sites, candidates and their evidence table.
 
-Pure math on tensors that activations.py hands over; no model, no files. Everything that needs
-to see every prompt is a streaming accumulator (`ClassSums`, `HeldOutScores`, `PerSamplePCA`)
-fed one batch at a time, so memory is O(sites x hidden) whatever the number of prompts:
+Pure math on tensors that activations.py hands over; no model, no files. The choice of b1
+from these statistics is first_axis.py, that of b2 second_axis.py. Everything that needs to
+see every prompt is a streaming accumulator fed one batch at a time, so memory is
+O(sites x hidden) whatever the number of prompts:
 
 - `ClassSums`: running float64 sums of the normalised activations a/||a|| per class and site,
   enough for the class means and thus every candidate d_i.
 - `HeldOutScores`: one float per held-out prompt and site (its cosine with that site's
   calibration candidate), i.e. O(prompts x sites) scalars, never vectors.
-- `PerSamplePCA`: sklearn IncrementalPCA over the per-sample candidates, fed in bounded chunks.
 
 Names: a *site* is one place in the residual stream (resid_mid or resid_post of one layer);
 a *candidate* is the unit difference-of-means direction d_i computed at a site.
@@ -23,21 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA, IncrementalPCA
 from sklearn.metrics import roc_auc_score
-
-from rotserve.plane import orthonormal_plane
 
 HARMFUL, HARMLESS = "harmful", "harmless"
 LABELS = (HARMFUL, HARMLESS)
 SITE_KINDS = ("resid_mid", "resid_post")
-SELECT_METHODS = ("max_sim", "max_norm", "mean", "separability")
-SECOND_METHODS = ("pca", "random", "per-sample", "last-pcs")
 
-# Two AUROCs closer than this are a tie, broken by Cohen's d. On a model that has learned the
-# concept many sites separate the held-out prompts perfectly (AUROC = 1), and then the size of
-# the gap between the classes is what tells the sites apart.
-AUROC_TIE = 1e-6
 # A difference of means shorter than this is no direction (e.g. identical classes at a site
 # upstream of where they differ); its candidate is the zero vector and never chosen.
 MIN_NORM = 1e-8
@@ -81,6 +72,12 @@ def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x / ||x|| along dim; zero vectors stay zero instead of becoming NaN."""
     n = x.norm(dim=dim, keepdim=True)
     return torch.where(n > MIN_NORM, x / n.clamp_min(MIN_NORM), torch.zeros_like(x))
+
+
+def random_unit(hidden: int, seed: int) -> torch.Tensor:
+    """A seeded random unit vector (float32): the random controls' directions."""
+    g = torch.Generator().manual_seed(seed)
+    return unit(torch.randn(hidden, generator=g, dtype=torch.float64)).float()
 
 
 # --- First pass: class means and candidates -------------------------------------------------
@@ -280,257 +277,3 @@ def candidate_table(
         )
         for i, s in enumerate(sites)
     ]
-
-
-# --- First axis -------------------------------------------------------------------------------
-
-
-@dataclass
-class FirstAxis:
-    b1: torch.Tensor  # unit, float32
-    index: int | None  # chosen site; None when b1 is not one site's candidate (mean, random)
-    method: str
-    reason: str  # one line for the summary
-
-
-def select_first_axis(
-    method: str,
-    table: Sequence[CandidateStat],
-    cands: Candidates,
-    window: Sequence[int],
-) -> FirstAxis:
-    """b1 by statistics alone: no generation.
-
-    max_sim       the candidate with the highest mean cosine to the others (the choice of the
-                  original angular steering method).
-    max_norm      the candidate with the longest r_i, excluding the final site (the last
-                  layer's output feeds only the unembedding: its difference is about the
-                  next token, not the concept).
-    mean          the normalised mean of all candidates in the window.
-    separability  the site whose held-out projections separate the classes best: highest AUROC,
-                  ties (within AUROC_TIE) broken by the larger Cohen's d. b1 is that site's
-                  candidate from all prompts.
-    """
-    usable = [i for i in window if float(cands.norms[i]) > MIN_NORM]
-    if not usable:
-        raise ExtractionError(
-            "every candidate in the window is zero: the harmful and harmless activations have "
-            "the same mean there; check the prompt files or widen --layers"
-        )
-    if method == "max_sim":
-        i = max(usable, key=lambda j: table[j].mean_cosine)
-        return FirstAxis(cands.d[i], i, method, f"mean cosine {table[i].mean_cosine:.3f}")
-    if method == "max_norm":
-        last = len(table) - 1
-        pool = [j for j in usable if j != last] or usable
-        i = max(pool, key=lambda j: table[j].norm)
-        return FirstAxis(cands.d[i], i, method, f"||r|| {table[i].norm:.3f}")
-    if method == "mean":
-        b1 = unit(cands.d[usable].double().mean(0)).float()
-        if float(b1.norm()) < 0.5:
-            raise ExtractionError(
-                "the candidates cancel out: their mean is zero; use --select max_sim"
-            )
-        return FirstAxis(b1, None, method, f"mean of {len(usable)} candidates")
-    if method == "separability":
-        if any(table[j].auroc is None or math.isnan(table[j].auroc) for j in usable):
-            raise ExtractionError(
-                "--select separability needs held-out prompts: set --holdout above 0 "
-                "(each class needs at least 2 prompts)"
-            )
-        i = max(usable, key=lambda j: _separability_key(table[j]))
-        return FirstAxis(
-            cands.d[i],
-            i,
-            method,
-            f"held-out AUROC {table[i].auroc:.3f}, Cohen's d {_fmt(table[i].cohens_d)}",
-        )
-    raise ExtractionError(f"unknown --select {method!r}; choose from {', '.join(SELECT_METHODS)}")
-
-
-def _separability_key(row: CandidateStat) -> tuple[float, float]:
-    # Rounding AUROC to the tie tolerance makes near-equal AUROCs compare equal, so the tuple
-    # order falls through to Cohen's d.
-    d = row.cohens_d if row.cohens_d is not None and not math.isnan(row.cohens_d) else -math.inf
-    return (round(float(row.auroc or 0.0) / AUROC_TIE) * AUROC_TIE, d)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-
-def random_unit(hidden: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return unit(torch.randn(hidden, generator=g, dtype=torch.float64)).float()
-
-
-# --- Second axis ------------------------------------------------------------------------------
-
-
-@dataclass
-class SecondAxis:
-    b1: torch.Tensor  # may differ from the first axis (last-pcs replaces the plane)
-    b2: torch.Tensor
-    method: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def second_pca(d: torch.Tensor, window: Sequence[int], b1: torch.Tensor) -> SecondAxis:
-    """PC1 of the stack of candidates in the window (PCA centres them), Gram-Schmidt vs b1.
-
-    Centring removes what the candidates share (mostly b1 itself), so PC1 is the main way the
-    refusal direction changes along depth: the second direction the model uses for it.
-    """
-    stack = _usable_rows(d, window)
-    if stack.shape[0] < 2:
-        raise ExtractionError("--second pca needs at least 2 non-zero candidates; widen --layers")
-    pca = PCA(n_components=1, svd_solver="full").fit(stack)
-    pc1 = torch.from_numpy(pca.components_[0]).float()
-    b1, b2 = orthonormal_plane(b1, pc1)
-    return SecondAxis(
-        b1,
-        b2,
-        "pca",
-        {
-            "explained_variance_ratio": float(pca.explained_variance_ratio_[0]),
-            "pc1_cos_b1": float(unit(pc1) @ b1),
-            "n_candidates": int(stack.shape[0]),
-        },
-    )
-
-
-def second_random(b1: torch.Tensor, seed: int) -> SecondAxis:
-    """A seeded random direction, Gram-Schmidt vs b1: the control for b2."""
-    b1, b2 = orthonormal_plane(b1, random_unit(b1.numel(), seed + 1))
-    return SecondAxis(b1, b2, "random", {"seed": seed + 1})
-
-
-def last_pcs_plane(d: torch.Tensor, window: Sequence[int], reference: torch.Tensor) -> SecondAxis:
-    """The plane of the last two meaningful principal components of the candidates.
-
-    With n candidates, centring leaves at most n-1 components with variance; the "last two"
-    are the two smallest of those. b1 is taken as the direction of that plane closest to
-    `reference` (the first-axis choice), so 0 degrees still points as refusal-ward as this
-    plane allows; `ref_cos_in_plane` reports how much of the refusal direction it holds.
-    """
-    stack = _usable_rows(d, window)
-    n = stack.shape[0]
-    if n < 3:
-        raise ExtractionError(
-            f"--second last-pcs needs at least 3 non-zero candidates, the window has {n}; "
-            "widen --layers"
-        )
-    pca = PCA(svd_solver="full").fit(stack)
-    var = pca.explained_variance_
-    rank = int((var > var[0] * 1e-10).sum())
-    if rank < 2:
-        raise ExtractionError("the candidates vary along one direction only: no last-two-PC plane")
-    p1 = torch.from_numpy(pca.components_[rank - 2]).float()
-    p2 = torch.from_numpy(pca.components_[rank - 1]).float()
-    u1, u2 = orthonormal_plane(p1, p2)
-    ref = unit(reference.float())
-    c1, c2 = float(ref @ u1), float(ref @ u2)
-    in_plane = math.hypot(c1, c2)
-    if in_plane < 1e-6:  # the reference is orthogonal to the plane: keep the PC order
-        b1, b2 = u1, u2
-    else:
-        b1, b2 = orthonormal_plane(c1 * u1 + c2 * u2, -c2 * u1 + c1 * u2)
-    return SecondAxis(
-        b1,
-        b2,
-        "last-pcs",
-        {
-            "components": [rank - 1, rank],  # 1-based PC numbers
-            "explained_variance_ratio": [
-                float(pca.explained_variance_ratio_[rank - 2]),
-                float(pca.explained_variance_ratio_[rank - 1]),
-            ],
-            "ref_cos_in_plane": in_plane,  # |projection of the first-axis choice onto the plane|
-            "n_candidates": n,
-        },
-    )
-
-
-def _usable_rows(d: torch.Tensor, window: Sequence[int]) -> np.ndarray:
-    rows = d[list(window)].double()
-    return rows[rows.norm(dim=1) > MIN_NORM].numpy()
-
-
-class PerSamplePCA:
-    """b2 from every prompt instead of class means, in bounded memory.
-
-    Each prompt at each window site gives a candidate: its normalised activation minus the
-    OTHER class's normalised mean (so harmful ones point harmful-ward, harmless ones away).
-    Those vectors share b1 by construction, so it is projected out of each one first; what is
-    left is fed to sklearn IncrementalPCA in chunks of `chunk_rows` rows. Memory: the chunk
-    buffer plus `n_components` x hidden, whatever the number of prompts. b2 = PC1 of what b1
-    does not explain, orthogonal to b1 by construction (Gram-Schmidt still run for rounding).
-    """
-
-    def __init__(
-        self,
-        b1: torch.Tensor,
-        means: dict[str, torch.Tensor],
-        window: Sequence[int],
-        n_components: int = 4,
-        chunk_rows: int = 256,
-    ) -> None:
-        self.b1 = unit(b1.double())
-        self.window = list(window)
-        self.other = {
-            HARMFUL: means[HARMLESS][self.window].double(),
-            HARMLESS: means[HARMFUL][self.window].double(),
-        }
-        self.n_components = n_components
-        self.chunk_rows = max(chunk_rows, n_components)
-        self.ipca: IncrementalPCA | None = None
-        self._buffer: list[np.ndarray] = []
-        self._buffered = 0
-        self.rows_seen = 0
-        self.rows_dropped = 0
-
-    def update(self, acts: torch.Tensor, label: str) -> None:
-        x = unit(acts[:, self.window].double()) - self.other[label]  # [B, W, H]
-        x = x - (x @ self.b1)[..., None] * self.b1
-        rows = x.reshape(-1, x.shape[-1]).numpy()
-        self._buffer.append(rows)
-        self._buffered += rows.shape[0]
-        self.rows_seen += rows.shape[0]
-        if self._buffered >= self.chunk_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        chunk = np.concatenate(self._buffer)
-        self._buffer, self._buffered = [], 0
-        if self.ipca is None:
-            # The first chunk fixes the number of components (IncrementalPCA needs at least
-            # that many rows in every chunk; a tiny run simply fits fewer).
-            k = min(self.n_components, chunk.shape[0], chunk.shape[1])
-            self.ipca = IncrementalPCA(n_components=k)
-        if chunk.shape[0] < self.ipca.n_components:
-            # Only a final remainder can be this small (every other chunk has chunk_rows rows);
-            # it cannot be fitted, so it is counted and reported instead of silently lost.
-            self.rows_dropped += chunk.shape[0]
-            return
-        self.ipca.partial_fit(chunk)
-
-    def finish(self) -> SecondAxis:
-        self._flush()
-        if self.ipca is None or self.rows_seen - self.rows_dropped < 2:
-            raise ExtractionError("--second per-sample needs at least 2 prompts in total")
-        pc1 = torch.from_numpy(self.ipca.components_[0]).float()
-        b1, b2 = orthonormal_plane(self.b1.float(), pc1)
-        return SecondAxis(
-            b1,
-            b2,
-            "per-sample",
-            {
-                "rows": self.rows_seen,
-                "rows_dropped": self.rows_dropped,
-                "explained_variance_ratio": float(self.ipca.explained_variance_ratio_[0]),
-                "n_components_fitted": int(self.ipca.n_components_),
-                "chunk_rows": self.chunk_rows,
-            },
-        )

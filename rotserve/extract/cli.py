@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from rotserve.extract.activations import POSITIONS
-from rotserve.extract.candidates import AUROC_TIE, SECOND_METHODS, SELECT_METHODS
 from rotserve.extract.config import ExtractConfig
+from rotserve.extract.first_axis import SELECT_RULES
 from rotserve.extract.pipeline import extract_plane
+from rotserve.extract.second_axis import SECOND_METHODS
 
 DESCRIPTION = """\
 Choose the refusal direction b1 and the steering plane (b1, b2) from statistics of the model's
@@ -22,29 +23,14 @@ With no arguments it runs on the toy refusal model shipped in data/toy-refusal w
 sets in data/prompts.
 """
 
-EPILOG = f"""\
+
+def _epilog() -> str:
+    """The rules and methods of --select and --second, read from their registries."""
+    return f"""\
 --select (b1):
-  max_sim       the candidate with the highest mean cosine to all candidates (the choice of
-                the original angular steering method)
-  max_norm      the candidate with the largest ||r||, excluding the final site
-  mean          the normalised mean of all candidates
-  separability  hold out --holdout of each class (seeded by --seed), compute the candidates on
-                the rest, project every held-out activation onto its site's candidate and
-                pick the site that separates harmful from harmless best: highest AUROC, ties
-                (within {AUROC_TIE:g}) broken by the larger Cohen's d. b1 is then that site's
-                candidate from all prompts. AUROC and Cohen's d are reported for every site
-                whatever --select is, as long as --holdout > 0.
+{_listing((name, rule.help) for name, rule in SELECT_RULES.items())}
 --second (b2):
-  pca           PC1 of the stack of candidates (PCA centres them), Gram-Schmidt against b1
-  random        a seeded random direction, Gram-Schmidt against b1 (control)
-  per-sample    every prompt at every window site is a candidate (its normalised activation
-                minus the other class's normalised mean); b1 is projected out of each and the
-                rows are streamed through sklearn IncrementalPCA (bounded memory; one extra
-                pass over the prompts); b2 = PC1
-  last-pcs      replaces the plane by that of the last two meaningful principal components of
-                the candidates (b1 = the direction of that plane closest to the --select
-                choice); an experiment: the authors of angular steering report that this
-                plane does not steer
+{_listing((name, method.help) for name, method in SECOND_METHODS.items())}
 --random-b1 makes b1 random too (with b2 random): the full control.
 
 Output: OUT (.safetensors with b1, b2 and all metadata), and beside it
@@ -53,12 +39,22 @@ Cohen's d, cosine with b1, chosen) and OUT_STEM.candidates.png (the evidence fig
 """
 
 
+def _listing(entries: Iterable[tuple[str, str]]) -> str:
+    """Each name in a 14-column field, its help lines aligned after it."""
+    lines = []
+    for name, text in entries:
+        first, *rest = text.splitlines()
+        lines.append(f"  {name:<14}{first}")
+        lines += [" " * 16 + line for line in rest]
+    return "\n".join(lines)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The `rotserve extract` flags; every default is ExtractConfig's (read when called)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=DESCRIPTION,
-        epilog=EPILOG,
+        epilog=_epilog(),
         formatter_class=_Formatter,
     )
     # One copy of the defaults: the dataclass's. Made here, not at import, so the embedded
@@ -109,11 +105,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     m = p.add_argument_group("method")
     m.add_argument(
-        "--select", choices=SELECT_METHODS, default=d.select, help="how b1 is chosen (see below)"
+        "--select",
+        choices=list(SELECT_RULES),
+        default=d.select,
+        help="how b1 is chosen (see below)",
     )
     m.add_argument(
         "--second",
-        choices=SECOND_METHODS,
+        choices=list(SECOND_METHODS),
         default=None,  # None: the config's default, or random under --random-b1
         help=f"how b2 is chosen (default: {d.second}; random with --random-b1)",
     )

@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rotserve.extract.activations import POSITIONS
-from rotserve.extract.candidates import (
-    HARMFUL,
-    HARMLESS,
-    SECOND_METHODS,
-    SELECT_METHODS,
-    ExtractionError,
-)
+from rotserve.extract.candidates import HARMFUL, HARMLESS, ExtractionError
+from rotserve.extract.first_axis import SELECT_RULES
+from rotserve.extract.second_axis import SECOND_METHODS
 from rotserve.paths import default_prompts, toy_model_dir
 
 
@@ -39,8 +35,8 @@ class ExtractConfig:
     column: str | None = None  # instruction column; None: the first known name found
     limit: int | None = None  # first N prompts of each file
     out: str | None = "plane.safetensors"  # None writes nothing
-    select: str = "max_sim"  # how b1 is chosen: one of SELECT_METHODS
-    second: str = "pca"  # how b2 is chosen: one of SECOND_METHODS
+    select: str = "max_sim"  # how b1 is chosen: a key of SELECT_RULES
+    second: str = "pca"  # how b2 is chosen: a key of SECOND_METHODS
     random_b1: bool = False  # the full control: b1 random too (needs second="random")
     layers: str | None = None  # "a:b" window restricting the candidates
     positions: str = "last"  # which token positions are read: one of POSITIONS
@@ -58,16 +54,18 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise ExtractionError naming the flag to change, before any model is loaded."""
-        if self.select not in SELECT_METHODS:
-            raise ExtractionError(f"--select must be one of {', '.join(SELECT_METHODS)}")
+        if self.select not in SELECT_RULES:
+            raise ExtractionError(f"--select must be one of {', '.join(SELECT_RULES)}")
         if self.second not in SECOND_METHODS:
             raise ExtractionError(f"--second must be one of {', '.join(SECOND_METHODS)}")
         if self.positions not in POSITIONS:
             raise ExtractionError(f"--positions must be one of {', '.join(POSITIONS)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ExtractionError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.select == "separability" and self.holdout <= 0:
-            raise ExtractionError("--select separability needs held-out prompts: set --holdout > 0")
+        if SELECT_RULES[self.select].needs_holdout and self.holdout <= 0:
+            raise ExtractionError(
+                f"--select {self.select} needs held-out prompts: set --holdout > 0"
+            )
         if self.batch_size < 1:
             raise ExtractionError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.random_b1 and self.second != "random":

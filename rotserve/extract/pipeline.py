@@ -9,14 +9,14 @@ Passes over the prompts (forward passes of the base model only, batched, left pa
 3. only for --second per-sample: every prompt again, streamed into an IncrementalPCA.
 
 So memory is O(sites x hidden) plus O(held-out prompts x sites) scalars, never O(prompts x
-hidden). The statistics are in candidates.py; this module only orders the passes and
-assembles what they give.
+hidden). The statistics are in candidates.py, the b1 rules in first_axis.py, the b2 methods in
+second_axis.py; this module only orders the passes and assembles what they give.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,18 @@ from rotserve.extract.candidates import (
     HARMFUL,
     HARMLESS,
     LABELS,
-    SELECT_METHODS,
     Candidates,
     CandidateStat,
     ClassSums,
     ExtractionError,
     HeldOutScores,
-    PerSamplePCA,
-    SecondAxis,
     Site,
     candidate_table,
-    last_pcs_plane,
     random_unit,
-    second_pca,
-    second_random,
-    select_first_axis,
     window_indices,
 )
 from rotserve.extract.config import ExtractConfig
+from rotserve.extract.first_axis import SELECT_RULES, select_first_axis
 from rotserve.extract.inputs import (
     as_prompt,
     check_counts,
@@ -55,6 +49,7 @@ from rotserve.extract.inputs import (
 )
 from rotserve.extract.outputs import display_path, write_outputs
 from rotserve.extract.result import ExtractionResult
+from rotserve.extract.second_axis import SECOND_METHODS, SecondAxis, SecondAxisInputs
 from rotserve.hf.sites import parse_layers
 from rotserve.plane import Plane, PlaneMeta
 from rotserve.prompts import Prompt, prompts_sha256
@@ -143,14 +138,11 @@ def extract_from_loaded(
             first = select_first_axis(c.select, table, cands, window)
             b1, chosen, reason = first.b1, first.index, first.reason
         second = _second_axis(c, reader, plist, cands, window, b1)
-        if c.second == "last-pcs":
-            # The plane replaced b1: the --select choice only orients it (see last_pcs_plane).
-            reason += (
-                f"; b1 = its projection onto the last-two-PC plane "
-                f"(cos {float(second.b1 @ b1):.3f})"
-            )
-        # Under last-pcs no site's candidate is b1, so no row is marked chosen.
-        _place_in_plane(table, cands, second, None if c.second == "last-pcs" else chosen)
+        if second.b1_replaced:
+            # The method replaced b1 (last-pcs): the --select choice only oriented it.
+            reason += "; " + second.b1_replaced
+        # Then no site's candidate is b1, so no row is marked chosen.
+        _place_in_plane(table, cands, second, None if second.b1_replaced else chosen)
         # from_pretrained records the id or path it was given; a model built in memory has none.
         meta = PlaneMeta(
             model=model_name,
@@ -185,9 +177,9 @@ def control_configs(cfg: ExtractConfig) -> dict[str, ExtractConfig]:
         out["random-b2"] = replace(cfg, second="random", controls=False)
     if not cfg.random_b1:
         out["random"] = replace(cfg, random_b1=True, second="random", controls=False)
-    for rule in SELECT_METHODS:
-        if rule != cfg.select and not cfg.random_b1 and (rule != "separability" or cfg.holdout > 0):
-            out[f"select-{rule}".replace("_", "-")] = replace(cfg, select=rule, controls=False)
+    for name, rule in SELECT_RULES.items():
+        if name != cfg.select and not cfg.random_b1 and (not rule.needs_holdout or cfg.holdout > 0):
+            out[f"select-{name}".replace("_", "-")] = replace(cfg, select=name, controls=False)
     return out
 
 
@@ -237,19 +229,14 @@ def _second_axis(
     b1: torch.Tensor,
 ) -> SecondAxis:
     """b2 by cfg.second; per-sample runs pass 3 over every prompt."""
-    if cfg.second == "random":
-        return second_random(b1, cfg.seed)
-    if cfg.second == "pca":
-        return second_pca(cands.d, window, b1)
-    if cfg.second == "last-pcs":
-        return last_pcs_plane(cands.d, window, b1)
-    # per-sample: pass 3, streamed into IncrementalPCA; memory is one chunk of rows x hidden
-    # floats whatever the number of prompts.
-    ps = PerSamplePCA(b1, cands.means, window, chunk_rows=max(256, 4 * len(window)))
-    for label in LABELS:
-        for acts in reader.batches([p.instruction for p in plist[label]], f"{label} per-sample"):
-            ps.update(acts, label)
-    return ps.finish()
+
+    def batches(name: str) -> Iterator[tuple[torch.Tensor, str]]:
+        for label in LABELS:
+            for acts in reader.batches([p.instruction for p in plist[label]], f"{label} {name}"):
+                yield acts, label
+
+    inputs = SecondAxisInputs(b1, cands, window, cfg.seed, batches)
+    return SECOND_METHODS[cfg.second].build(inputs)
 
 
 def _place_in_plane(

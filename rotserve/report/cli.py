@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rotserve.report import make_report
+    from rotserve.report.build import make_report
     from rotserve.rundir import RunDirError
 
     args = build_parser().parse_args(argv)
