@@ -23,7 +23,7 @@ def run(ctx: Context) -> None:
     """
     from vllm import SamplingParams
 
-    from rotserve.grid.runner import EngineSpec
+    from rotserve.fanout import EngineSpec
     from rotserve.judge.engine import JudgeEngine, VerdictContext, judge_shard
     from rotserve.judge.plan import JudgeItem, make_judge_plan
     from rotserve.judge.prompts import judge_input
