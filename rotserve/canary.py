@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.vllm_plugin.config import UNSTEERED, RequestSteering
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -158,8 +159,6 @@ def engine_prompt(probe: Probe) -> dict[str, Any]:
 
 def probe_result(output: Any) -> ProbeResult:
     """A vLLM RequestOutput (with prompt and sample log-probs) as plain numbers."""
-    from rotserve.engine import chosen_logprobs, prompt_token_logprobs  # engine imports us
-
     comp = output.outputs[0]
     return ProbeResult(
         tuple(output.prompt_token_ids or ()),

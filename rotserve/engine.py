@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.canary import CanaryReport, llm_executor, run_canary
+from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
 from rotserve.steering import SteeringSetup, prepare_steering
@@ -401,19 +402,3 @@ def _is_window(value: Any) -> bool:
 
 def _is_flag(value: Any) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
-
-
-def chosen_logprobs(completion: Any) -> tuple[float, ...]:
-    """Log-prob of each token a vLLM CompletionOutput generated (requested with logprobs=0)."""
-    return tuple(
-        step[token].logprob
-        for step, token in zip(completion.logprobs or [], completion.token_ids, strict=False)
-    )
-
-
-def prompt_token_logprobs(output: Any) -> tuple[float, ...]:
-    """Log-prob of prompt tokens 1..n-1 of a vLLM RequestOutput (requested with
-    prompt_logprobs=0; token 0 has none)."""
-    ids = output.prompt_token_ids or []
-    steps = list(output.prompt_logprobs or [])
-    return tuple(steps[t][ids[t]].logprob for t in range(1, len(ids)))
