@@ -22,7 +22,7 @@ same run measures, batch vs alone and decode vs re-run of the unsteered probe):
 Every probe carries a unique prefix-cache salt, so no request can reuse another's KV cache
 (a cache hit would make "alone" trivially equal to "batch").
 
-The checks are pure functions of the probe results (`judge`); running the probes is the
+The checks are pure functions of the probe results (`check_probes`); running the probes is the
 only part that differs between a `vllm.LLM` (`run_canary`) and the server's async engine
 client (`run_canary_async`).
 """
@@ -177,7 +177,7 @@ def _worst(a: Sequence[float], b: Sequence[float]) -> float:
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
-def judge(
+def check_probes(
     probes: Sequence[Probe],
     batch: Sequence[ProbeResult],
     alone: Sequence[ProbeResult],
@@ -186,10 +186,10 @@ def judge(
 ) -> tuple[Check, ...]:
     """The three checks of the module docstring; `refeed` as refeed_probes orders it.
 
-    "Steering changed something" is judged against noise measured in the same run, not a fixed
-    threshold: a weak plane on a small model in bfloat16 moves log-probs by a tenth of a nat,
-    which is still ten times the numerical noise. Agreement (batch vs alone, decode vs re-run)
-    is judged against the dtype's tolerance.
+    "Steering changed something" is compared with the noise measured in the same run, not
+    with a fixed threshold: a weak plane on a small model in bfloat16 moves log-probs by a
+    tenth of a nat, which is still ten times the numerical noise. Agreement (batch vs alone,
+    decode vs re-run) is compared with the dtype's tolerance.
     """
     rows = list(zip(probes, batch, alone, refeed[0::2], refeed[1::2], strict=True))
     base = next(b for p, b, *_ in rows if not p.steering.active)
@@ -294,11 +294,13 @@ def _steps(vllm_config: Any, tokens: int) -> _Steps:
     for p in alone_probes(probes, nonce):
         alone.append((yield [p])[0])
     refeed = yield refeed_probes(probes, batch)
-    return judge(probes, batch, alone, refeed, tolerance(describe_stack(vllm_config)["dtype"]))
+    return check_probes(
+        probes, batch, alone, refeed, tolerance(describe_stack(vllm_config)["dtype"])
+    )
 
 
 def run_canary(execute: Execute, vllm_config: Any, tokens: int = PROBE_TOKENS) -> CanaryReport:
-    """Run the probes through `execute` (one call = one batch) and judge them."""
+    """Run the probes through `execute` (one call = one batch) and check their results."""
     t0 = time.perf_counter()
     steps = _steps(vllm_config, tokens)
     try:
