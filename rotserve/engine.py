@@ -170,77 +170,100 @@ class RotServeEngine:
         from vllm import SamplingParams
 
         instructions = list(instructions)
+        steerings = self._request_steerings(
+            len(instructions), angles, adaptive, mode, plane, layers, sites
+        )
+        resolved = [self._resolve(st, i) if st.active else None for i, st in enumerate(steerings)]
+        prompts = [
+            _engine_prompt(chat_prompt(self.tokenizer, text) if chat else text, res)
+            for text, res in zip(instructions, resolved, strict=True)
+        ]
+        sampling = {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "min_tokens": min_tokens,
+            "ignore_eos": ignore_eos,
+            "stop": list(stop) if stop else None,
+            "seed": seed,
+            "logprobs": 0 if logprobs else None,
+        }
+        params = [SamplingParams(**sampling, extra_args=_extra_args(st)) for st in steerings]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            completion
+            for text, prompt, steering, res, out in zip(
+                instructions, prompts, steerings, resolved, outputs, strict=True
+            )
+            for completion in self._completions(
+                text, prompt["prompt"], steering, res, out, logprobs
+            )
+        ]
+
+    def _request_steerings(
+        self,
+        count: int,
+        angles: Sequence[float | None],
+        adaptive: bool | Sequence[bool],
+        mode: str | Sequence[str],
+        plane: str | None | Sequence[str | None],
+        layers: Any,
+        sites: Sequence[str] | None | Sequence[Sequence[str] | None],
+    ) -> list[RequestSteering]:
+        """generate's steering arguments, each shared or one per instruction, as one checked
+        RequestSteering per instruction."""
         angles = list(angles)
-        if len(angles) != len(instructions):
+        if len(angles) != count:
             raise ValueError(
-                f"{len(instructions)} instructions but {len(angles)} angles: give one angle "
+                f"{count} instructions but {len(angles)} angles: give one angle "
                 f"(or None) per instruction"
             )
-        flags = [adaptive] * len(instructions) if _is_flag(adaptive) else list(adaptive)
-        if len(flags) != len(instructions):
-            raise ValueError(f"{len(flags)} adaptive flags for {len(instructions)} instructions")
-        n_in = len(instructions)
-        planes = _per_prompt(plane, n_in, "plane", lambda v: v is None or isinstance(v, str))
-        windows = _per_prompt(layers, n_in, "layers", _is_window)
+        flags = [adaptive] * count if _is_flag(adaptive) else list(adaptive)
+        if len(flags) != count:
+            raise ValueError(f"{len(flags)} adaptive flags for {count} instructions")
+        planes = _per_prompt(plane, count, "plane", lambda v: v is None or isinstance(v, str))
+        windows = _per_prompt(layers, count, "layers", _is_window)
         site_sets = _per_prompt(
-            sites, n_in, "sites", lambda v: v is None or isinstance(v, str) or _is_str_list(v)
+            sites, count, "sites", lambda v: v is None or isinstance(v, str) or _is_str_list(v)
         )
-        modes = _per_prompt(mode, n_in, "mode", lambda v: isinstance(v, str))
-        steerings = [
+        modes = _per_prompt(mode, count, "mode", lambda v: isinstance(v, str))
+        return [
             self._steering(a, f, modes[i], i, planes[i], windows[i], site_sets[i])
             for i, (a, f) in enumerate(zip(angles, flags, strict=True))
         ]
-        resolved = [self._resolve(st, i) if st.active else None for i, st in enumerate(steerings)]
 
-        prompts, params = [], []
-        for text, steering, res in zip(instructions, steerings, resolved, strict=True):
-            prompt = chat_prompt(self.tokenizer, text) if chat else text
-            item: dict[str, Any] = {"prompt": prompt}
-            salt = res.cache_salt() if res is not None else None
-            if salt is not None:
-                item["cache_salt"] = salt
-            prompts.append(item)
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_tokens=max_tokens,
-                    min_tokens=min_tokens,
-                    ignore_eos=ignore_eos,
-                    stop=list(stop) if stop else None,
-                    seed=seed,
-                    logprobs=0 if logprobs else None,
-                    extra_args=steering.as_extra_args() if steering.active else None,
-                )
+    def _completions(
+        self,
+        instruction: str,
+        prompt: str,
+        steering: RequestSteering,
+        resolved: ResolvedSteering | None,
+        output: Any,
+        logprobs: bool,
+    ) -> list[Completion]:
+        """One Completion per sample of one vLLM RequestOutput."""
+        prompt_token_ids = tuple(output.prompt_token_ids or ())
+        return [
+            Completion(
+                instruction=instruction,
+                prompt=prompt,
+                angle=steering.angle,
+                adaptive=steering.adaptive,
+                mode=steering.mode,
+                sample=j,
+                generation=comp.text,
+                token_ids=tuple(comp.token_ids),
+                prompt_tokens=len(prompt_token_ids),
+                prompt_token_ids=prompt_token_ids,
+                finish_reason=comp.finish_reason,
+                logprobs=chosen_logprobs(comp) if logprobs else None,
+                plane=None if resolved is None else self._plane_name(resolved.plane),
+                plane_id=None if resolved is None else resolved.plane_id,
+                layers=() if resolved is None else resolved.layers,
             )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-
-        completions = []
-        for text, prompt, steering, res, out in zip(
-            instructions, prompts, steerings, resolved, outputs, strict=True
-        ):
-            for j, comp in enumerate(out.outputs):
-                completions.append(
-                    Completion(
-                        instruction=text,
-                        prompt=prompt["prompt"],
-                        angle=steering.angle,
-                        adaptive=steering.adaptive,
-                        mode=steering.mode,
-                        sample=j,
-                        generation=comp.text,
-                        token_ids=tuple(comp.token_ids),
-                        prompt_tokens=len(out.prompt_token_ids or []),
-                        prompt_token_ids=tuple(out.prompt_token_ids or ()),
-                        finish_reason=comp.finish_reason,
-                        logprobs=chosen_logprobs(comp) if logprobs else None,
-                        plane=None if res is None else self._plane_name(res.plane),
-                        plane_id=None if res is None else res.plane_id,
-                        layers=() if res is None else res.layers,
-                    )
-                )
-        return completions
+            for j, comp in enumerate(output.outputs)
+        ]
 
     def continuation_logprobs(
         self,
@@ -281,7 +304,7 @@ class RotServeEngine:
                 SamplingParams(
                     max_tokens=1,
                     prompt_logprobs=0,
-                    extra_args=steering.as_extra_args() if steering.active else None,
+                    extra_args=_extra_args(steering),
                 )
             )
         scores: list[tuple[float, ...]] = [()] * n
@@ -375,6 +398,20 @@ def in_process_engine() -> Iterator[None]:
         gc.unfreeze()
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
+
+
+def _engine_prompt(prompt: str, resolved: ResolvedSteering | None) -> dict[str, Any]:
+    """vLLM's prompt dict; a steered prompt carries its steering's prefix-cache salt."""
+    item: dict[str, Any] = {"prompt": prompt}
+    salt = resolved.cache_salt() if resolved is not None else None
+    if salt is not None:
+        item["cache_salt"] = salt
+    return item
+
+
+def _extra_args(steering: RequestSteering) -> dict[str, Any] | None:
+    """SamplingParams.extra_args carrying the steering to the plugin; None when unsteered."""
+    return steering.as_extra_args() if steering.active else None
 
 
 def _per_prompt(value: Any, n: int, name: str, is_one: Any) -> list[Any]:
