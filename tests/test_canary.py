@@ -137,7 +137,8 @@ def test_an_engine_whose_decode_steps_run_unsteered_refuses_to_start_emulated_cu
     """A CUDA-graph replay that skips the table update cannot happen on CPU; resetting the
     table on every pure decode step is the same fault, one level up."""
     require_vllm()
-    from rotserve.engine import RotServeEngine, in_process_engine
+    from benchmarks.in_process import in_process_engine
+    from rotserve.engine import RotServeEngine
     from rotserve.vllm_plugin.models import RotServeCausalLMMixin
 
     refresh = RotServeCausalLMMixin._refresh_rotation_v1
