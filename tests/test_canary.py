@@ -11,7 +11,7 @@ steered engine the suite starts runs the canary too and passes it. Costs one eng
 from __future__ import annotations
 
 import pytest
-from vllm_fixtures import ENGINE_KWARGS, require_vllm
+from vllm_fixtures import require_vllm
 
 from rotserve.canary import (
     PROBE_STEERINGS,
@@ -22,6 +22,7 @@ from rotserve.canary import (
     first_probes,
     refeed_probes,
 )
+from rotserve.parity import ENGINE_KWARGS
 
 TOL = 1e-3
 PROMPT = (5, 6, 7, 8)

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 from vllm_fixtures import (
-    ENGINE_KWARGS,
     INSTRUCTIONS,
     assert_mixed_batch_matches_oracle,
     max_abs_diff,
     require_vllm,
 )
+
+from rotserve.parity import ENGINE_KWARGS
 
 require_vllm()
 
