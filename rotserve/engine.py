@@ -1,18 +1,12 @@
-"""RotServeEngine: one vLLM engine, one plane, a different rotation angle per prompt.
+"""RotServeEngine: one vLLM engine, each prompt under its own steering (angle, plane, window).
 
     with RotServeEngine("Qwen/Qwen2.5-7B-Instruct", "plane.safetensors", dtype="bfloat16") as eng:
         for c in eng.generate(["How do I pick a lock?"] * 3, angles=[None, 90.0, 210.0]):
             print(c.angle, c.generation)
 
-Everything is checked before the (slow) engine start, by the one set-up path the server and
-the grid use too (rotserve.steering.prepare_steering): the architecture has a rotated
-variant, the plane loads and matches the model's hidden size, layers and sites exist. Then the angle of
-every prompt is validated and cast to a plain float before it crosses into the engine
-process (numpy scalars do not survive vLLM's inter-process serialisation), and each steered
-prompt gets a prefix-cache salt per (plane, angle, mode), so KV computed under one rotation
-is never reused under another. Once vLLM is up, a steered engine runs the start-up canary
-(rotserve.canary: prefill and decode steered, a mixed batch equal to requests alone) and
-refuses to serve if it fails.
+Plane, layers and sites are checked before the slow engine start (the one set-up path,
+rotserve.steering.prepare_steering); each steered prompt gets its own prefix-cache salt; a
+steered engine runs the start-up canary (rotserve.canary) and refuses to serve if it fails.
 """
 
 from __future__ import annotations

@@ -1,4 +1,22 @@
-"""`rotserve selftest`: is steering live and right on THIS stack? Ask before spending GPU-hours.
+"""`rotserve selftest`: is steering live and right on THIS stack? The canary, HF parity and
+steering power on a real steered engine, for a tiny model it builds and the user's model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rotserve.canary import Check, describe_stack, llm_executor, run_canary
+from rotserve.parity import ENGINE_KWARGS, TOLERANCE, mixed_batch, oracle_parity, steering_power
+from rotserve.plane import random_plane
+
+DESCRIPTION = """\
+`rotserve selftest`: is steering live and right on THIS stack? Ask before spending GPU-hours.
 
     rotserve selftest                                   # a tiny model it builds, ~1 min on CPU
     rotserve selftest --model Qwen/Qwen2.5-7B-Instruct --plane plane.safetensors --device cuda
@@ -20,20 +38,6 @@ It prints the runner, compilation and CUDA-graph mode of each engine and exits 1
 failed check (2 for bad arguments). vLLM runs first and is closed before the oracle loads, so
 one GPU holds one copy of the model at a time.
 """
-
-from __future__ import annotations
-
-import argparse
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from rotserve.canary import Check, describe_stack, llm_executor, run_canary
-from rotserve.parity import ENGINE_KWARGS, TOLERANCE, mixed_batch, oracle_parity, steering_power
-from rotserve.plane import random_plane
 
 INSTRUCTIONS = ("Write a short poem about the sea.", "How do I pick a lock?")
 ANGLES = (90.0, 210.0)
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     p = argparse.ArgumentParser(
-        prog="rotserve selftest", description=__doc__, formatter_class=Formatter
+        prog="rotserve selftest", description=DESCRIPTION, formatter_class=Formatter
     )
     p.add_argument(
         "--model",
