@@ -167,7 +167,7 @@ class HookedVLLMEngine:
     set between generate calls. A grid is a Python loop over angles, every prompt per call.
 
     Eager because hooks on a compiled graph do not run per call (the graph is traced once);
-    in-process because that is how the hooks reach the model (rotserve.engine.in_process_engine). The
+    in-process because that is how the hooks reach the model (benchmarks.in_process). The
     requests go through RotServeEngine.generate like the other contenders' (same chat
     template, same sampling, same equal-work check), unsteered as far as vLLM knows.
     """
@@ -181,7 +181,8 @@ class HookedVLLMEngine:
         seed: int = 0,
         sites: Sequence[str] | None = None,
     ) -> None:
-        from rotserve.engine import RotServeEngine, in_process_engine
+        from benchmarks.in_process import in_process_engine
+        from rotserve.engine import RotServeEngine
         from rotserve.plane import load_plane
         from rotserve.vllm_plugin.config import DEFAULT_SITES
 

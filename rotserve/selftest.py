@@ -1,4 +1,22 @@
-"""`rotserve selftest`: is steering live and right on THIS stack? Ask before spending GPU-hours.
+"""`rotserve selftest`: is steering live and right on THIS stack? The canary, HF parity and
+steering power on a real steered engine, for a tiny model it builds and the user's model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rotserve.canary import Check, describe_stack, llm_executor, run_canary
+from rotserve.parity import ENGINE_KWARGS, TOLERANCE, mixed_batch, oracle_parity, steering_power
+from rotserve.plane import random_plane
+
+DESCRIPTION = """\
+`rotserve selftest`: is steering live and right on THIS stack? Ask before spending GPU-hours.
 
     rotserve selftest                                   # a tiny model it builds, ~1 min on CPU
     rotserve selftest --model Qwen/Qwen2.5-7B-Instruct --plane plane.safetensors --device cuda
@@ -21,27 +39,8 @@ failed check (2 for bad arguments). vLLM runs first and is closed before the ora
 one GPU holds one copy of the model at a time.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-import tempfile
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from rotserve.canary import Check, describe_stack, llm_executor, run_canary
-from rotserve.plane import random_plane
-
 INSTRUCTIONS = ("Write a short poem about the sea.", "How do I pick a lock?")
 ANGLES = (90.0, 210.0)
-# Log-prob tolerance against the float32 oracle. float32: summation order only (measured
-# 2.5e-5 over 30 layers). bfloat16/float16: rounding of every activation; measured on
-# SmolLM2-135M-Instruct (30 layers) on CPU: see tests/test_real_weights.py.
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
-SMALL_ENGINE = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,13 @@ def check_target(target: Target, device: str, enforce_eager: bool = False) -> Ta
     from rotserve.hf import HFRotatedGenerator
 
     t0 = time.perf_counter()
-    cases = [(t, a, ad) for t in INSTRUCTIONS for a in ANGLES for ad in (False, True)]
-    cases += [(t, None, False) for t in INSTRUCTIONS]
     try:
         engine = RotServeEngine(
             target.model,
             target.plane,
-            dtype=target.dtype,
             canary=False,  # run below, so a failure is reported with every other check
             enforce_eager=enforce_eager,
-            **SMALL_ENGINE,
+            **{**ENGINE_KWARGS, "dtype": target.dtype},
         )
     except Exception as e:  # any failure to start is the answer to "does it work here"
         check = Check("the steered engine starts", False, f"{type(e).__name__}: {e}")
@@ -88,60 +84,12 @@ def check_target(target: Target, device: str, enforce_eager: bool = False) -> Ta
     try:
         stack = describe_stack(engine.vllm_config)
         canary = run_canary(llm_executor(engine.llm), engine.vllm_config)
-        got = engine.generate(
-            [t for t, _, _ in cases],
-            [a for _, a, _ in cases],
-            adaptive=[ad for _, _, ad in cases],
-            max_tokens=target.new_tokens,
-            ignore_eos=True,
-            logprobs=True,
-        )
+        got = mixed_batch(engine, INSTRUCTIONS, ANGLES, target.new_tokens)
     finally:
         engine.close()
     oracle = HFRotatedGenerator(target.model, target.plane, dtype="float32", device=device)
     checks = (*canary.checks, oracle_parity(oracle, got, target.dtype), steering_power(got))
     return TargetReport(target, stack, checks, time.perf_counter() - t0)
-
-
-def oracle_parity(oracle: Any, got: Sequence[Any], dtype: str) -> Check:
-    """vLLM's completions (rotserve.engine.Completion) against the float32 HF oracle."""
-    tol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
-    worst, mismatched = 0.0, []
-    for rec in got:
-        label = f"{rec.instruction[:24]!r}@{rec.angle}{'a' if rec.adaptive else ''}"
-        if dtype == "float32":
-            ref = oracle.generate(
-                [rec.prompt], [rec.angle], adaptive=rec.adaptive, max_new_tokens=len(rec.token_ids)
-            )[0]
-            if ref.token_ids != rec.token_ids[: len(ref.token_ids)]:
-                mismatched.append(label)
-                continue
-            ref_lps = ref.logprobs
-        else:  # teacher-forced: vLLM's own tokens, scored by the oracle
-            (ref_lps,) = oracle.continuation_logprobs(
-                [rec.prompt_token_ids], [rec.token_ids], [rec.angle], adaptive=rec.adaptive
-            )
-        gap = max((abs(a - b) for a, b in zip(rec.logprobs, ref_lps, strict=False)), default=0.0)
-        worst = max(worst, gap)
-        if gap > tol:
-            mismatched.append(label)
-    what = "same tokens" if dtype == "float32" else "vLLM's tokens teacher-forced"
-    detail = f"{len(got)} rows, {what}, max |dlogprob| {worst:.2g} (tolerance {tol:g})"
-    if mismatched:
-        detail += f"; mismatched: {', '.join(mismatched)}"
-    return Check(f"parity with the HF oracle ({dtype})", not mismatched, detail)
-
-
-def steering_power(got: Sequence[Any]) -> Check:
-    """A parity check passes trivially if steering does nothing; demand that it does something."""
-    unsteered = {r.instruction: r.token_ids for r in got if r.angle is None}
-    steered = [r for r in got if r.angle is not None]
-    changed = sum(r.token_ids != unsteered[r.instruction] for r in steered)
-    return Check(
-        "steering changes generations",
-        changed > 0,
-        f"{changed} of {len(steered)} steered rows differ from their unsteered row",
-    )
 
 
 def tiny_target(folder: Path) -> Target:
@@ -182,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     p = argparse.ArgumentParser(
-        prog="rotserve selftest", description=__doc__, formatter_class=Formatter
+        prog="rotserve selftest", description=DESCRIPTION, formatter_class=Formatter
     )
     p.add_argument(
         "--model",

@@ -1,6 +1,6 @@
 """The start-up canary: each of its checks fails on the fault it exists for.
 
-The judging is pure (probe results in, checks out), so every fault is first specified on
+The checks are pure (probe results in, checks out), so every fault is first specified on
 hand-made results. Then one real engine whose decode steps are made to run unsteered (the
 CUDA-graph replay failure, emulated on CPU by resetting the per-token table on pure decode
 steps) must refuse to start, naming the check, the runner and the CUDA-graph mode. Every other
@@ -11,17 +11,18 @@ steered engine the suite starts runs the canary too and passes it. Costs one eng
 from __future__ import annotations
 
 import pytest
-from vllm_fixtures import ENGINE_KWARGS, require_vllm
+from vllm_fixtures import require_vllm
 
 from rotserve.canary import (
     PROBE_STEERINGS,
     CanaryError,
     CanaryReport,
     ProbeResult,
+    check_probes,
     first_probes,
-    judge,
     refeed_probes,
 )
+from rotserve.parity import ENGINE_KWARGS
 
 TOL = 1e-3
 PROMPT = (5, 6, 7, 8)
@@ -46,7 +47,7 @@ def _refeed(steering: int) -> ProbeResult:
     return ProbeResult(PROMPT + GEN, lps, (1,), (-0.5,))
 
 
-def _judge(batch=None, alone=None, refeed=None, tol=TOL):
+def _check(batch=None, alone=None, refeed=None, tol=TOL):
     probes = first_probes("test")
     right = [_result(TRUE_PROMPT_LPS[i], TRUE_GEN_LPS[i]) for i in range(3)]
     batch = batch or right
@@ -54,11 +55,11 @@ def _judge(batch=None, alone=None, refeed=None, tol=TOL):
     if refeed is None:  # refeed_probes order: per probe, (its own steering, unsteered)
         refeed = [_refeed(0), _refeed(0), _refeed(1), _refeed(0), _refeed(2), _refeed(0)]
     assert len(refeed_probes(probes, batch)) == len(refeed)
-    return {c.name: c for c in judge(probes, batch, alone, refeed, tol)}
+    return {c.name: c for c in check_probes(probes, batch, alone, refeed, tol)}
 
 
 def test_a_right_engine_passes_every_check():
-    checks = _judge()
+    checks = _check()
     assert [c.ok for c in checks.values()] == [True, True, True], checks
 
 
@@ -67,7 +68,7 @@ def test_decode_steps_that_ran_unsteered_fail_the_decode_check():
     batch = [
         _result(TRUE_PROMPT_LPS[i], TRUE_GEN_LPS[i][:1] + TRUE_GEN_LPS[0][1:]) for i in range(3)
     ]
-    checks = _judge(batch=batch, alone=batch)
+    checks = _check(batch=batch, alone=batch)
     assert checks["prefill is steered"].ok and checks["a mixed batch equals each request alone"].ok
     assert not checks["decode is steered"].ok
 
@@ -75,7 +76,7 @@ def test_decode_steps_that_ran_unsteered_fail_the_decode_check():
 def test_rows_mapped_to_the_wrong_requests_fail_the_mixed_batch_check():
     # In the batch every request got the first request's (unsteered) row; alone they are right.
     batch = [_result(TRUE_PROMPT_LPS[0], TRUE_GEN_LPS[0]) for _ in range(3)]
-    checks = _judge(batch=batch)
+    checks = _check(batch=batch)
     assert not checks["a mixed batch equals each request alone"].ok
     assert not checks["prefill is steered"].ok
 
@@ -86,13 +87,13 @@ def test_one_probe_with_power_is_enough_for_the_decode_check():
     batch = [_result(TRUE_PROMPT_LPS[i], TRUE_GEN_LPS[i]) for i in range(2)]
     batch.append(_result(TRUE_PROMPT_LPS[2], TRUE_GEN_LPS[2][:1] + TRUE_GEN_LPS[0][1:]))
     refeed = [_refeed(0), _refeed(0), _refeed(1), _refeed(0), weak, _refeed(0)]
-    checks = _judge(batch=batch, alone=batch, refeed=refeed)
+    checks = _check(batch=batch, alone=batch, refeed=refeed)
     assert checks["decode is steered"].ok, checks["decode is steered"].detail
 
 
 def test_steering_that_changes_nothing_proves_nothing():
     same = [_result(TRUE_PROMPT_LPS[0], TRUE_GEN_LPS[0]) for _ in range(3)]
-    checks = _judge(batch=same, alone=same, refeed=[_refeed(0)] * 6)
+    checks = _check(batch=same, alone=same, refeed=[_refeed(0)] * 6)
     assert not checks["prefill is steered"].ok
     assert not checks["decode is steered"].ok  # no power: steered and unsteered re-runs agree
 
@@ -113,7 +114,7 @@ def test_weak_steering_in_half_precision_passes_when_it_exceeds_the_measured_noi
     for i in range(3):
         refeed.append(ProbeResult(PROMPT + GEN, p_lps[i] + g_lps[i], (1,), (-0.5,)))
         refeed.append(ProbeResult(PROMPT + GEN, p_lps[0] + g_lps[0], (1,), (-0.5,)))
-    checks = _judge(batch=batch, alone=alone, refeed=refeed, tol=0.1)
+    checks = _check(batch=batch, alone=alone, refeed=refeed, tol=0.1)
     assert all(c.ok for c in checks.values()), checks
 
 
@@ -125,7 +126,7 @@ def test_the_probes_cover_unsteered_and_two_steerings_each_salted_apart():
 
 
 def test_a_failed_report_names_the_stack_and_the_check():
-    checks = tuple(_judge(refeed=[_refeed(0)] * 6).values())
+    checks = tuple(_check(refeed=[_refeed(0)] * 6).values())
     report = CanaryReport(checks, {"runner": "V2", "cudagraph_mode": "FULL_AND_PIECEWISE"})
     with pytest.raises(CanaryError, match=r"runner V2.*cudagraph_mode FULL_AND_PIECEWISE.*decode"):
         report.raise_if_failed()
@@ -137,7 +138,8 @@ def test_an_engine_whose_decode_steps_run_unsteered_refuses_to_start_emulated_cu
     """A CUDA-graph replay that skips the table update cannot happen on CPU; resetting the
     table on every pure decode step is the same fault, one level up."""
     require_vllm()
-    from rotserve.engine import RotServeEngine, in_process_engine
+    from benchmarks.in_process import in_process_engine
+    from rotserve.engine import RotServeEngine
     from rotserve.vllm_plugin.models import RotServeCausalLMMixin
 
     refresh = RotServeCausalLMMixin._refresh_rotation_v1

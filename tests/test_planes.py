@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, max_abs_diff, require_vllm
+from vllm_fixtures import INSTRUCTIONS, max_abs_diff, require_vllm
 
+from rotserve.parity import ENGINE_KWARGS
 from rotserve.plane import orthonormal_plane, random_plane
 from rotserve.rotation import angle_table, rotate, rotate_planes
 from rotserve.vllm_plugin.config import (

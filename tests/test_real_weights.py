@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from vllm_fixtures import (
-    ENGINE_KWARGS,
     INSTRUCTIONS,
     assert_mixed_batch_matches_oracle,
     require_vllm,
 )
+
+from rotserve.parity import ENGINE_KWARGS
 
 require_vllm()
 pytest.importorskip("gguf", reason="rotserve[gguf] is not installed")
@@ -96,10 +97,10 @@ def test_vllm_matches_the_hf_oracle_on_real_weights(smollm2, plane):
 
     oracle = HFRotatedGenerator(smollm2, plane)
     with RotServeEngine(smollm2, plane, enforce_eager=True, **ENGINE_KWARGS) as engine:
-        changed, worst = assert_mixed_batch_matches_oracle(
+        parity, power = assert_mixed_batch_matches_oracle(
             engine, oracle, INSTRUCTIONS[:2], ANGLES, NEW_TOKENS, LOGPROB_TOL
         )
-    print(f"\n{changed} steered rows differ from unsteered; max |dlogprob| {worst:.2e}")
+    print(f"\n{power.detail}; {parity.detail}")
 
 
 def test_selftest_passes_on_real_weights_in_bfloat16(smollm2, plane):

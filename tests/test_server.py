@@ -15,7 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, free_port, require_vllm, wait_for_health
+from vllm_fixtures import INSTRUCTIONS, free_port, require_vllm, wait_for_health
+
+from rotserve.parity import ENGINE_KWARGS
 
 require_vllm()
 pytest.importorskip("openai")

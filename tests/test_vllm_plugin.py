@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 from vllm_fixtures import (
-    ENGINE_KWARGS,
     INSTRUCTIONS,
     assert_mixed_batch_matches_oracle,
     max_abs_diff,
     require_vllm,
 )
+
+from rotserve.parity import ENGINE_KWARGS
 
 require_vllm()
 
@@ -507,7 +508,8 @@ class TestLlamaInProcess:
     @pytest.fixture(scope="class")
     @classmethod
     def llama(cls, tiny_llama, tiny_plane):
-        from rotserve.engine import RotServeEngine, in_process_engine
+        from benchmarks.in_process import in_process_engine
+        from rotserve.engine import RotServeEngine
 
         # 64-token steps: long prompts are prefilled in chunks, in the same steps as other
         # requests' decodes, so batches mix prefill and decode tokens of different angles.

