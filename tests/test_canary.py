@@ -150,7 +150,7 @@ def test_an_engine_whose_decode_steps_run_unsteered_refuses_to_start_emulated_cu
             self.rotation.set_identity(num_tokens)
 
     monkeypatch.setattr(RotServeCausalLMMixin, "_refresh_rotation_v1", decode_unsteered)
-    with in_process_engine(), pytest.raises(CanaryError) as err:
+    with in_process_engine(), pytest.raises(CanaryError, match="decode is steered") as err:
         RotServeEngine(tiny_qwen2, tiny_plane, **ENGINE_KWARGS)
     message = str(err.value)
     assert "decode is steered" in message and "runner V1" in message

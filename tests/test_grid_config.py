@@ -92,7 +92,7 @@ def test_evenly_spaced_angles():
 
 @pytest.mark.parametrize("text", ["0", "-3", "2.5", "abc", ""])
 def test_bad_angle_counts(text):
-    with pytest.raises(GridConfigError):
+    with pytest.raises(GridConfigError, match="--angles takes a whole number|at least 1"):
         parse_angle_count(text)
 
 
@@ -100,16 +100,16 @@ def test_angle_list_parsing():
     assert parse_angle_list("0, 90,180.5") == (0.0, 90.0, 180.5)
     assert parse_angle_list("-90,370") == (270.0, 10.0)  # folded into [0, 360)
     for bad in ("0,360", "0,,90", "x", "", "nan"):
-        with pytest.raises(GridConfigError):
+        with pytest.raises(GridConfigError, match="--angle-list|angle .* twice|not a finite"):
             parse_angle_list(bad)
-    with pytest.raises(GridConfigError):
+    with pytest.raises(GridConfigError, match="the angle list is empty"):
         normalize_angles([])
 
 
 def test_prompt_set_parsing():
     assert parse_prompt_set("harm=data/x.jsonl") == ("harm", "data/x.jsonl")
     assert parse_prompt_set("data/foo.csv") == ("foo", "data/foo.csv")
-    with pytest.raises(GridConfigError):
+    with pytest.raises(GridConfigError, match="--prompts takes label=FILE"):
         parse_prompt_set("=x.jsonl")
 
 
@@ -221,7 +221,7 @@ def test_run_dir_states(tmp_path):
     root.mkdir()
     (root / MANIFEST).write_text(json.dumps({"run_id": "abc"}))
     assert RunStore.check(root, "abc", overwrite=False) == "resume"
-    with pytest.raises(RunDirError):
+    with pytest.raises(RunDirError, match="holds a different run .* run id abc"):
         RunStore.check(root, "other", overwrite=False)
     assert RunStore.check(root, "other", overwrite=True) == "overwrite"
 

@@ -72,7 +72,7 @@ def test_a_corrupt_plane_file_fails_early_and_clearly(tmp_path, corrupt, message
 def test_orthonormality_tolerance_is_the_stated_one():
     b1, b2 = random_plane()
     Plane(b1, b2 + b1 * ORTHONORMAL_TOL * 0.5)  # inside tolerance: accepted
-    with pytest.raises(PlaneError):
+    with pytest.raises(PlaneError, match="plane is not orthonormal"):
         Plane(b1, b2 + b1 * ORTHONORMAL_TOL * 3)
 
 
