@@ -221,7 +221,7 @@ def test_run_dir_states(tmp_path):
     root.mkdir()
     (root / MANIFEST).write_text(json.dumps({"run_id": "abc"}))
     assert RunStore.check(root, "abc", overwrite=False) == "resume"
-    with pytest.raises(RunDirError, match="holds a different run .* run id abc"):
+    with pytest.raises(RunDirError, match=r"holds a different run \(run id abc"):
         RunStore.check(root, "other", overwrite=False)
     assert RunStore.check(root, "other", overwrite=True) == "overwrite"
 
