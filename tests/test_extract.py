@@ -56,14 +56,8 @@ def _assert_orthonormal(plane) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads cost more than they gain, badly so on a busy 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs tiny matmuls on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
