@@ -43,7 +43,7 @@ def tiny_plane(tmp_path_factory, tiny_qwen2) -> Path:
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: intra-op threads cost more than they gain, badly so on a busy 2-core box.
-    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    A module opts in with a module-scoped autouse fixture that requests it."""
     import torch
 
     before = torch.get_num_threads()
