@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotserve.vllm_plugin.config import UNSTEERED, RequestSteering
+from rotserve.steering import UNSTEERED, RequestSteering
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 PROBE_STEERINGS = (

@@ -29,12 +29,13 @@ from typing import Any
 from rotserve.canary import CanaryReport, llm_executor, run_canary
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
-from rotserve.steering import SteeringSetup, prepare_steering
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     RequestSteering,
     ResolvedSteering,
     RotServeConfigError,
+    SteeringSetup,
     parse_request,
+    prepare_steering,
 )
 
 

@@ -13,7 +13,7 @@ from vllm_fixtures import ENGINE_KWARGS, INSTRUCTIONS, max_abs_diff, require_vll
 
 from rotserve.plane import orthonormal_plane, random_plane
 from rotserve.rotation import angle_table, rotate, rotate_planes
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     EngineSteering,
     PlaneCatalog,
     RequestSteeringError,

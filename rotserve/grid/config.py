@@ -23,12 +23,14 @@ from typing import Any
 from rotserve.paths import DATA_DIR_ENV, PLANE_FILENAME, default_prompts, toy_model_dir
 from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
-from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
+    ModelInfo,
     RequestSteeringError,
     RotServeConfigError,
+    SteeringSetup,
     UnsupportedArchitectureError,
     canonical_window,
+    prepare_steering,
     window_layers,
 )
 
