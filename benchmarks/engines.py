@@ -184,10 +184,10 @@ class HookedVLLMEngine:
         from benchmarks.in_process import in_process_engine
         from rotserve.engine import RotServeEngine
         from rotserve.plane import load_plane
-        from rotserve.vllm_plugin.config import DEFAULT_SITES
+        from rotserve.steering import SITES
 
         self.hooks = _NormHooks(load_plane(plane).basis)
-        self.sites = tuple(sites or DEFAULT_SITES)
+        self.sites = tuple(sites or SITES)
         with in_process_engine():
             self.engine = RotServeEngine(
                 model,

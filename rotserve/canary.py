@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
-from rotserve.vllm_plugin.config import UNSTEERED, RequestSteering
+from rotserve.steering import UNSTEERED, RequestSteering
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 PROBE_STEERINGS = (

@@ -22,12 +22,13 @@ from rotserve.canary import CanaryReport, llm_executor, run_canary
 from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
-from rotserve.steering import SteeringSetup, prepare_steering
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     RequestSteering,
     ResolvedSteering,
     RotServeConfigError,
+    SteeringSetup,
     parse_request,
+    prepare_steering,
 )
 
 

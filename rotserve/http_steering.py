@@ -33,7 +33,7 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     FLAT_PREFIX,
     PlaneCatalog,
     RequestSteeringError,

@@ -20,18 +20,9 @@ from pathlib import Path
 
 from rotserve.cli import DefaultsFormatter
 from rotserve.paths import toy_model_dir, toy_plane
-from rotserve.vllm_plugin.config import DEFAULT_SITES
+from rotserve.steering import SITES
 
 MIDDLEWARE = "rotserve.http_steering.SteeringMiddleware"
-
-
-def _layer_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers takes layer indices separated by commas, e.g. 8,9,10; got {text!r}"
-        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layers",
-        type=_layer_list,
         default=None,
-        help="comma-separated layer indices to steer, e.g. 8,9,10 (default: all)",
+        metavar="WINDOW",
+        help="the layers a request naming none steers: all, a:b (a Python slice) or a list "
+        "8,9,10, negatives counting from the end; --layers=-2: when it starts with '-' "
+        "(default: all)",
     )
     p.add_argument(
         "--sites",
-        default=",".join(DEFAULT_SITES),
+        default=",".join(SITES),
         help="norm outputs to rotate (both, as in the method)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address")
@@ -92,16 +85,18 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
     model name (MODEL@150). The middleware learns the plane id from the environment.
     """
     from rotserve.http_steering import CATALOG_ENV, PLANE_ID_ENV
-    from rotserve.steering import plane_options, prepare_steering
+    from rotserve.steering import ModelInfo, parse_window, plane_options, prepare_steering
 
     plane, planes = plane_options(args.plane or [str(toy_plane())])
+    info = ModelInfo.from_pretrained(args.model)
     setup = prepare_steering(
         args.model,
         plane,
         planes=planes,
         max_planes=args.max_planes,
-        layers=args.layers,
+        layers=None if args.layers is None else parse_window(args.layers, info.num_layers),
         sites=[s for s in args.sites.split(",") if s],
+        info=info,
     )
     argv = [
         *vllm_serve_argv(args.model),
@@ -146,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
     from rotserve.plane import PlaneError
-    from rotserve.vllm_plugin.config import RotServeConfigError
+    from rotserve.steering import RotServeConfigError, WindowError
 
     try:
         cmd = serve_command(args, passthrough)
-    except (PlaneError, RotServeConfigError) as e:
+    except (PlaneError, RotServeConfigError, WindowError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -24,9 +24,9 @@ from rotserve.extract.cli import build_parser, config_from_args, main
 from rotserve.extract.first_axis import SELECT_RULES, select_first_axis
 from rotserve.extract.second_axis import SECOND_METHODS
 from rotserve.hf.generate import load_hf_model
-from rotserve.hf.sites import UnsupportedArchitectureError
 from rotserve.plane import load_plane
 from rotserve.prompts import ChatTemplateError, PromptFileError, load_prompts
+from rotserve.steering import UnsupportedArchitectureError
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMFUL_FILE = ROOT / "data" / "prompts" / "harmful.jsonl"
@@ -193,8 +193,18 @@ def test_layer_window_restricts_the_choice(loaded):
     assert res.sites[res.chosen].layer == 0
     assert [r.in_window for r in res.table] == [True, True, False, False]
     assert res.plane.meta.method["window"] == ["L0.resid_mid", "L0.resid_post"]
-    with pytest.raises(ExtractionError, match="--layers"):
+    with pytest.raises(ExtractionError, match="--layers '5:9' selects none of the model's 2"):
         extract_from_loaded(model, tok, _prompts(), _cfg(layers="5:9"))
+
+
+def test_layer_window_takes_the_one_window_grammar(loaded):
+    """Negative layers count from the end, as for serve, grid and requests (2-layer model)."""
+    model, tok = loaded["qwen2"]
+    for window, layers in (("-1:", {1}), ("-2:", {0, 1}), ("0,-1", {0, 1}), ("all", {0, 1})):
+        res = extract_from_loaded(model, tok, _prompts(4), _cfg(layers=window, holdout=0.5))
+        assert {s.layer for s, r in zip(res.sites, res.table, strict=True) if r.in_window} == layers
+    with pytest.raises(ExtractionError, match="--layers: layer 2 is out of range"):
+        extract_from_loaded(model, tok, _prompts(4), _cfg(layers="0,2"))
 
 
 def test_saved_plane_metadata_round_trips(tiny_qwen2, tmp_path):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from rotserve.hf import HFRotatedGenerator, UnsupportedArchitectureError, decoder_layers
+from rotserve.hf import HFRotatedGenerator, decoder_layers
 from rotserve.plane import PlaneError, load_plane
 from rotserve.prompts import chat_prompts
+from rotserve.steering import UnsupportedArchitectureError
 
 INSTRUCTIONS = [
     "Write a poem about tea.",

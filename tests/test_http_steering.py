@@ -17,7 +17,7 @@ from rotserve.http_steering import (
     split_model_name,
     steer_request,
 )
-from rotserve.vllm_plugin.config import RequestSteeringError, parse_request
+from rotserve.steering import RequestSteeringError, parse_request
 
 PLANE = "0123456789ab"
 
@@ -126,7 +126,7 @@ def test_the_model_listing_says_how_to_pick_an_angle():
 def test_plane_and_window_by_xargs_or_model_name_with_the_engines_catalog():
     """Several planes: the name form carries plane= and layers=, the salt names the resolved
     plane id and window, and an unknown plane is a 400 before vLLM sees it. (<0.1 s)"""
-    from rotserve.vllm_plugin.config import EngineSteering, PlaneCatalog
+    from rotserve.steering import EngineSteering, PlaneCatalog
 
     settings = EngineSteering.from_dict({"planes": {"maxsim": "/a", "rand": "/b"}})
     catalog = PlaneCatalog.build(settings, [PLANE, "ba9876543210"], 24)

@@ -16,7 +16,7 @@ from vllm_fixtures import INSTRUCTIONS, max_abs_diff, require_vllm
 from rotserve.parity import ENGINE_KWARGS
 from rotserve.plane import orthonormal_plane, random_plane
 from rotserve.rotation import angle_table, rotate, rotate_planes
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     EngineSteering,
     PlaneCatalog,
     RequestSteeringError,

@@ -24,7 +24,7 @@ require_vllm()
 pytest.importorskip("openai")
 
 from rotserve.serve import build_parser, serve_command  # noqa: E402
-from rotserve.vllm_plugin.config import TRACKER_FQCN  # noqa: E402
+from rotserve.steering import TRACKER_FQCN  # noqa: E402
 
 MAX_TOKENS = 24
 STARTUP_TIMEOUT_S = 420  # engine start is 15 s on an idle 2-core box, minutes on a busy one

@@ -31,16 +31,14 @@ require_vllm()
 
 from rotserve.plane import Plane, PlaneError, orthonormal_plane  # noqa: E402
 from rotserve.rotation import angle_table  # noqa: E402
-from rotserve.vllm_plugin.config import (  # noqa: E402
+from rotserve.steering import (  # noqa: E402
     TRACKER_FQCN,
     RequestSteeringError,
     RotServeConfigError,
     UnsupportedArchitectureError,
-)
-from rotserve.vllm_plugin.state import (  # noqa: E402
-    RotationState,
     identity_rows,
 )
+from rotserve.vllm_plugin.state import RotationState  # noqa: E402
 
 ANGLES = (0.0, 90.0, 210.0, 300.0)
 NEW_TOKENS = 40
@@ -55,7 +53,8 @@ LOGPROB_TOL = 1e-4
 def test_plugin_registers_every_rotated_architecture():
     from vllm import ModelRegistry
 
-    from rotserve.vllm_plugin import ROTATED_ARCHITECTURES, register
+    from rotserve.steering import ROTATED_ARCHITECTURES
+    from rotserve.vllm_plugin import register
 
     register()
     register()  # idempotent: vLLM loads general plugins in every process, sometimes twice
@@ -250,7 +249,7 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
 
     # Several planes (mocked model with a PlaneCatalog): rows carry the plane one-hot and the
     # per-norm gates through V2's slot mapping, and an unknown plane fails that request.
-    from rotserve.vllm_plugin.config import EngineSteering, PlaneCatalog
+    from rotserve.steering import EngineSteering, PlaneCatalog
 
     settings = EngineSteering.from_dict({"planes": {"a": "/a", "b": "/b"}, "max_planes": 4})
     catalog = PlaneCatalog.build(settings, ["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 2)

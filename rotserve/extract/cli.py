@@ -125,8 +125,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     m.add_argument(
         "--layers",
         default=d.layers,
-        metavar="A:B",
-        help="restrict the candidates to these layers (python slice 'a:b' or list 'a,b,c'); "
+        metavar="WINDOW",
+        help="restrict the candidates to these layers: all, a:b (a Python slice) or a list "
+        "3,4,5, negatives counting from the end (--layers=-2: when it starts with '-'); "
         "statistics are still reported for every site (default: all layers)",
     )
     m.add_argument(
@@ -216,9 +217,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run one extraction from the command line; exit status 2 with one line for bad inputs."""
     args = build_parser(prog).parse_args(argv)
     from rotserve.extract.candidates import ExtractionError
-    from rotserve.hf.sites import UnsupportedArchitectureError
     from rotserve.plane import PlaneError
     from rotserve.prompts import ChatTemplateError, PromptFileError
+    from rotserve.steering import UnsupportedArchitectureError
 
     try:
         result = extract_plane(config_from_args(args))

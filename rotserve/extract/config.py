@@ -9,6 +9,7 @@ from rotserve.extract.candidates import HARMFUL, HARMLESS, ExtractionError
 from rotserve.extract.first_axis import SELECT_RULES
 from rotserve.extract.second_axis import SECOND_METHODS
 from rotserve.paths import default_prompts, toy_model_dir
+from rotserve.steering import WindowError, canonical_window
 
 
 # The embedded defaults are looked up when a config is made, not at import, so a
@@ -38,7 +39,7 @@ class ExtractConfig:
     select: str = "max_sim"  # how b1 is chosen: a key of SELECT_RULES
     second: str = "pca"  # how b2 is chosen: a key of SECOND_METHODS
     random_b1: bool = False  # the full control: b1 random too (needs second="random")
-    layers: str | None = None  # "a:b" window restricting the candidates
+    layers: str | None = None  # layer window restricting the candidates; None: every layer
     positions: str = "last"  # which token positions are read: one of POSITIONS
     holdout: float = 0.25  # fraction of each class held out for the separability statistics
     seed: int = 0  # of the held-out split and of random directions
@@ -66,6 +67,11 @@ class ExtractConfig:
             raise ExtractionError(
                 f"--select {self.select} needs held-out prompts: set --holdout > 0"
             )
+        if self.layers is not None:
+            try:  # the grammar now; the layers themselves once the model's depth is known
+                canonical_window(self.layers, "--layers")
+            except WindowError as e:
+                raise ExtractionError(str(e)) from None
         if self.batch_size < 1:
             raise ExtractionError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.random_b1 and self.second != "random":

@@ -50,9 +50,9 @@ from rotserve.extract.inputs import (
 from rotserve.extract.outputs import display_path, write_outputs
 from rotserve.extract.result import ExtractionResult
 from rotserve.extract.second_axis import SECOND_METHODS, SecondAxis, SecondAxisInputs
-from rotserve.hf.sites import parse_layers
 from rotserve.plane import Plane, PlaneMeta
 from rotserve.prompts import Prompt, prompts_sha256
+from rotserve.steering import WindowError, parse_window
 
 Splits = dict[str, tuple[list[Prompt], list[Prompt]]]  # label -> (calibration, held-out)
 
@@ -121,9 +121,10 @@ def extract_from_loaded(
     sites = reader.sites
     n_layers = len(reader.layers)
     try:
-        window = window_indices(sites, parse_layers(cfg.layers, n_layers))
-    except ValueError as e:
-        raise ExtractionError(f"--layers: {e}") from None
+        layers = None if cfg.layers is None else parse_window(cfg.layers, n_layers)
+    except WindowError as e:
+        raise ExtractionError(str(e)) from None
+    window = window_indices(sites, layers)
 
     splits = {label: split_prompts(plist[label], cfg.holdout, cfg.seed) for label in LABELS}
     cands, aurocs, ds = _class_statistics(reader, splits, cfg.holdout)

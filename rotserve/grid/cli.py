@@ -237,8 +237,7 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
 
 def _plane_fields(values: list[str] | None) -> dict[str, Any]:
     """--plane FILE (one plane) or --plane NAME=FILE ... (a sweep) as GridConfig fields."""
-    from rotserve.steering import plane_options
-    from rotserve.vllm_plugin.config import RotServeConfigError
+    from rotserve.steering import RotServeConfigError, plane_options
 
     if not values:
         return {"plane": None}

@@ -30,12 +30,14 @@ from rotserve.paths import (
 from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
 from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE_NAME, is_default_setting
-from rotserve.steering import ModelInfo, SteeringSetup, prepare_steering
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
+    ModelInfo,
     RequestSteeringError,
     RotServeConfigError,
+    SteeringSetup,
     UnsupportedArchitectureError,
     canonical_window,
+    prepare_steering,
     window_layers,
 )
 

@@ -17,16 +17,17 @@ from typing import Any
 
 import torch
 
-from rotserve.hf.sites import STEER_SITES, decoder_layers
+from rotserve.hf.sites import decoder_layers
 from rotserve.plane import Plane, load_plane
 from rotserve.rotation import TABLE_WIDTH, angle_table, rotate_planes
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
+    SITES,
     PlaneCatalog,
     RequestSteering,
     check_plane_name,
     parse_request,
+    steering_row,
 )
-from rotserve.vllm_plugin.state import steering_row
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +80,7 @@ class RotationHooks:
     mixes angles freely and rows with no angle pass through bit-identical.
 
     `for_planes` builds the several-planes form the vLLM plugin runs: hooks at every layer x
-    site, rows carrying the plane one-hot and one gate per hooked norm (rotserve.vllm_plugin's
+    site, rows carrying the plane one-hot and one gate per hooked norm (rotserve.steering's
     row builder, steering_row), and the same op (rotate_planes), so each row steers its own
     plane in its own window.
     """
@@ -89,7 +90,7 @@ class RotationHooks:
         model: torch.nn.Module,
         plane: Plane,
         layers: Sequence[int] | None = None,
-        sites: Sequence[str] = STEER_SITES,
+        sites: Sequence[str] = SITES,
     ) -> None:
         all_layers = decoder_layers(model)
         hidden = all_layers[0].attn_norm.weight.numel()
@@ -113,14 +114,14 @@ class RotationHooks:
         for name, plane in named:
             check_plane_name(name)
             plane.check_hidden_size(hooks.basis.shape[-1])
-        steerable = tuple((ls.index, s) for ls in all_layers for s in STEER_SITES)
+        steerable = tuple((ls.index, s) for ls in all_layers for s in SITES)
         hooks.catalog = PlaneCatalog(
             names=tuple(n for n, _ in named),
             ids=tuple(p.plane_id for _, p in named),
             num_layers=len(all_layers),
             steerable=steerable,
             default_layers=tuple(range(len(all_layers))),
-            default_sites=STEER_SITES,
+            default_sites=SITES,
             slots=len(named),
         )
         hooks.bases = torch.stack([p.basis for _, p in named]).to(hooks.basis.device)
@@ -171,7 +172,7 @@ class HFRotatedGenerator:
         dtype: str | torch.dtype = torch.float32,
         device: str = "cpu",
         layers: Sequence[int] | None = None,
-        sites: Sequence[str] = STEER_SITES,
+        sites: Sequence[str] = SITES,
         trust_remote_code: bool = False,
         planes: Mapping[str, Plane | str | Path] | None = None,
     ) -> None:

@@ -1,9 +1,8 @@
-"""Where rotserve reads and steers inside a Hugging Face decoder model.
+"""Where rotserve reads and steers inside a Hugging Face decoder model, by walking its modules.
 
-Steering sites are the outputs of the two norms of every decoder layer (the normalised inputs
-of attention and of the MLP); the residual stream itself is never written. Extraction reads
-the residual stream at two points per layer: resid_mid (after attention, the input of the
-pre-MLP norm) and resid_post (the block output).
+Steering sites are the outputs of the two norms of every decoder layer (rotserve.steering's
+SITES); the residual stream itself is never written. Extraction reads the residual stream at two
+points per layer: resid_mid (after attention, the input of the pre-MLP norm) and resid_post.
 """
 
 from __future__ import annotations
@@ -13,22 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from rotserve.vllm_plugin.config import DEFAULT_SITES
-
-# Architecture -> (attribute path to the layer list, pre-attention norm, pre-MLP norm).
-ARCHITECTURES: dict[str, tuple[str, str, str]] = {
-    "Qwen2ForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
-    "Qwen3ForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
-    "LlamaForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
-    "MistralForCausalLM": ("model.layers", "input_layernorm", "post_attention_layernorm"),
-    "Gemma2ForCausalLM": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
-}
-# rotserve's names for the two steered norms, the same on the HF side as in the vLLM plugin.
-STEER_SITES = DEFAULT_SITES
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
+from rotserve.steering import ARCHITECTURES, SITES, Architecture, architecture
 
 
 @dataclass(frozen=True)
@@ -37,56 +21,33 @@ class LayerSites:
 
     index: int
     layer: nn.Module
-    attn_norm: nn.Module  # output feeds attention    ("input_layernorm")
+    attn_norm: nn.Module  # output feeds attention (site "input_layernorm")
     mlp_norm: nn.Module  # output feeds the MLP; its input is resid_mid ("post_attention_layernorm")
 
     def norm(self, site: str) -> nn.Module:
-        if site == "input_layernorm":
+        if site == SITES[0]:
             return self.attn_norm
-        if site == "post_attention_layernorm":
+        if site == SITES[1]:
             return self.mlp_norm
-        raise ValueError(f"unknown steering site {site!r}; choose from {', '.join(STEER_SITES)}")
+        raise ValueError(f"unknown steering site {site!r}; choose from {', '.join(SITES)}")
 
 
-def architecture_of(model: Any) -> str:
+def architecture_of(model: Any) -> Architecture:
+    """The table's entry for a loaded model (its config's name, else its class name)."""
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-    arch = archs[0]
-    if arch not in ARCHITECTURES and type(model).__name__ in ARCHITECTURES:
-        arch = type(model).__name__
-    if arch not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {arch!r} is not supported; rotserve knows "
-            f"{', '.join(sorted(ARCHITECTURES))}. Llama-family layouts with input_layernorm and "
-            f"post_attention_layernorm per layer can be added to rotserve.hf.sites.ARCHITECTURES"
-        )
-    return arch
+    name = archs[0]
+    if name not in ARCHITECTURES and type(model).__name__ in ARCHITECTURES:
+        name = type(model).__name__
+    return architecture(name)  # UnsupportedArchitectureError, listing the table
 
 
 def decoder_layers(model: nn.Module) -> list[LayerSites]:
     """The decoder layers of a supported causal LM, with their norm modules."""
-    path, attn_name, mlp_name = ARCHITECTURES[architecture_of(model)]
+    arch = architecture_of(model)
     layers: Any = model
-    for attr in path.split("."):
+    for attr in arch.layers_path.split("."):
         layers = getattr(layers, attr)
     return [
-        LayerSites(i, layer, getattr(layer, attn_name), getattr(layer, mlp_name))
+        LayerSites(i, layer, getattr(layer, arch.attn_norm), getattr(layer, arch.mlp_norm))
         for i, layer in enumerate(layers)
     ]
-
-
-def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """'a:b' (python slice, negatives allowed), 'a,b,c' or None (all) -> sorted layer indices."""
-    if spec is None or spec in ("", "all"):
-        return list(range(num_layers))
-    if ":" in spec:
-        parts = spec.split(":")
-        if len(parts) != 2:
-            raise ValueError(f"layer window {spec!r} must look like 'a:b'")
-        a, b = (int(p) if p else None for p in parts)
-        chosen = list(range(num_layers))[slice(a, b)]
-    else:
-        chosen = sorted({int(x) for x in spec.split(",")})
-    bad = [i for i in chosen if not 0 <= i < num_layers]
-    if bad or not chosen:
-        raise ValueError(f"layers {spec!r} select nothing valid in a {num_layers}-layer model")
-    return chosen

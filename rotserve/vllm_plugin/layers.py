@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from vllm.model_executor.layers.layernorm import RMSNorm
 
-from rotserve.vllm_plugin.config import RotServeConfigError
+from rotserve.steering import RotServeConfigError
 from rotserve.vllm_plugin.state import RotationState
 
 

@@ -30,7 +30,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.sequence import IntermediateTensors
 
 from rotserve.plane import load_plane
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     TRACKER_FQCN,
     EngineSteering,
     PlaneCatalog,

@@ -20,43 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rotserve.rotation import COS, TABLE_WIDTH, angle_table, rotate_planes
-from rotserve.vllm_plugin.config import PlaneCatalog, RequestSteering
-
-
-def row_width(catalog: PlaneCatalog | None) -> int:
-    """Columns of a table row: the angle row, then K plane one-hot, then S gates. No catalog:
-    the bare 5-column angle row (one plane, every installed norm steered)."""
-    if catalog is None:
-        return TABLE_WIDTH
-    return TABLE_WIDTH + catalog.slots + len(catalog.steerable)
-
-
-def identity_rows(
-    n: int, device: torch.device | str | None = None, width: int = TABLE_WIDTH
-) -> torch.Tensor:
-    """[n, width] float32 rows that leave a token bit-identical: cos=1, sin=0, active=0."""
-    rows = torch.zeros(n, width, dtype=torch.float32, device=device)
-    rows[:, COS] = 1.0
-    return rows
-
-
-def steering_row(steering: RequestSteering, catalog: PlaneCatalog | None = None) -> torch.Tensor:
-    """One request's row, through rotserve.rotation's own table builder so the angle numbers
-    are bit-identical to the HF reference generator's. With a catalog, the plane one-hot and
-    the gates follow (RequestSteeringError for an unknown plane or unsteerable layer)."""
-    row = identity_rows(1, width=row_width(catalog))[0]
-    if steering.angle is None:
-        return row
-    row[:TABLE_WIDTH] = angle_table(
-        [steering.angle], adaptive=steering.adaptive, relative=steering.relative
-    )[0]
-    if catalog is not None:
-        resolved = catalog.resolve(steering)
-        row[TABLE_WIDTH + resolved.plane] = 1.0
-        gate0 = TABLE_WIDTH + catalog.slots
-        row[gate0 : gate0 + len(resolved.gates)] = torch.tensor(resolved.gates, dtype=torch.float32)
-    return row
+from rotserve.rotation import COS, TABLE_WIDTH, rotate_planes
+from rotserve.steering import (
+    PlaneCatalog,
+    RequestSteering,
+    identity_rows,
+    row_width,
+    steering_row,
+)
 
 
 class RequestRows:

@@ -35,7 +35,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
     PlaneCatalog,
     RequestSteeringError,
     is_tracker_fqcn,

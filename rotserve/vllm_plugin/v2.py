@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
 
-from rotserve.vllm_plugin.config import RequestSteeringError, parse_request
+from rotserve.steering import RequestSteeringError, parse_request
 from rotserve.vllm_plugin.state import RequestRows, RotationState
 
 logger = init_logger(__name__)

@@ -22,17 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.plane import Plane, PlaneError, load_plane
-from rotserve.vllm_plugin.config import (
+from rotserve.steering.architectures import rotated_architecture
+from rotserve.steering.catalog import PlaneCatalog, ResolvedSteering, is_tracker_fqcn
+from rotserve.steering.errors import RotServeConfigError
+from rotserve.steering.request import RequestSteering
+from rotserve.steering.settings import (
     DEFAULT_PLANE,
     SETTINGS_KEY,
     EngineSteering,
-    PlaneCatalog,
-    RequestSteering,
-    ResolvedSteering,
-    RotServeConfigError,
     check_plane_name,
-    is_tracker_fqcn,
-    rotated_architecture,
 )
 
 

@@ -1,13 +1,15 @@
-"""The plugin's vLLM-free half: request and engine settings, token -> slot mapping, the rotation
-state. These modules must import and work where vLLM is not installed (the frontend-side
-validation, the grid's resolve step and the HF oracle use them), so the last test runs this
-whole file again in a child interpreter in which `import vllm` fails.
+"""The steering vocabulary without vLLM: architectures, windows, requests, engine settings, and
+the plugin's torch-only state (token -> slot mapping, rotation table). These must import and
+work where vLLM is not installed (the frontend-side validation, the grid's resolve step and the
+HF oracle use them), so the last test runs this whole file again with `import vllm` failing.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +21,25 @@ import torch
 
 from rotserve.plane import orthonormal_plane
 from rotserve.rotation import angle_table, rotate
-from rotserve.vllm_plugin.config import (
+from rotserve.steering import (
+    ARCHITECTURES,
+    ROTATED_ARCHITECTURES,
     EngineSteering,
+    PlaneCatalog,
     RequestSteering,
     RequestSteeringError,
     RotServeConfigError,
     UnsupportedArchitectureError,
+    WindowError,
+    architecture,
+    canonical_window,
     parse_request,
+    parse_window,
     rotated_architecture,
 )
 from rotserve.vllm_plugin.state import RequestRows, RotationState, token_slots
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- request and engine settings ---------------------------------------------------------------
 
@@ -69,9 +80,8 @@ def test_parse_request_accepts_both_forms_and_numpy():
     ],
 )
 def test_parse_request_rejects_bad_values(extra_args, needle):
-    with pytest.raises(RequestSteeringError) as err:
+    with pytest.raises(RequestSteeringError, match=re.escape(needle)):
         parse_request(extra_args)
-    assert needle in str(err.value)
 
 
 def test_validator_refuses_numpy_scalars_with_a_clear_message():
@@ -107,6 +117,109 @@ def test_rotated_architectures():
     assert rotated_architecture("Qwen3ForCausalLM") == "RotServeQwen3ForCausalLM"
     with pytest.raises(UnsupportedArchitectureError, match="Gemma2ForCausalLM.*supported"):
         rotated_architecture("Gemma2ForCausalLM")
+
+
+def test_one_architecture_table_serves_hf_reading_and_the_rotated_variants():
+    # Gemma2 is read by extraction and the HF oracle (its MLP's input norm has its own name)
+    # but has no rotated vLLM variant; the plugin registers exactly the table's variants.
+    gemma = architecture("Gemma2ForCausalLM")
+    assert (gemma.attn_norm, gemma.mlp_norm, gemma.rotated) == (
+        "input_layernorm",
+        "pre_feedforward_layernorm",
+        None,
+    )
+    assert ROTATED_ARCHITECTURES == {
+        a.name: a.rotated for a in ARCHITECTURES.values() if a.rotated is not None
+    }
+    assert set(ROTATED_ARCHITECTURES) == {
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+    }
+    with pytest.raises(UnsupportedArchitectureError, match="'GPT2LMHeadModel' is not supported"):
+        architecture("GPT2LMHeadModel")
+    with pytest.raises(RotServeConfigError, match="GPT2LMHeadModel.*no rotated variant"):
+        rotated_architecture("GPT2LMHeadModel")
+
+
+def test_hf_and_the_plugin_sit_on_steering_and_neither_imports_the_other():
+    def imported(folder: str) -> set[str]:
+        names: set[str] = set()
+        for path in (ROOT / "rotserve" / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(node.module)
+                elif isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+        return names
+
+    assert not {n for n in imported("steering") if n.split(".")[0] == "vllm"}
+    assert not {n for n in imported("steering") if n.startswith(("rotserve.hf", "rotserve.vllm"))}
+    assert not {n for n in imported("hf") if n.startswith("rotserve.vllm_plugin")}
+    assert not {n for n in imported("vllm_plugin") if n.startswith("rotserve.hf")}
+
+
+# -- the one layer-window grammar --------------------------------------------------------------
+
+TOY_LAYERS = 4  # data/toy-refusal, which `rotserve serve` and `rotserve extract` default to
+
+
+def test_the_window_grammar():
+    assert canonical_window(" ALL ") == "all" and canonical_window([]) == "none"
+    assert canonical_window([3, -1]) == "3,-1" and canonical_window(2) == "2"
+    assert canonical_window(":-1") == ":-1" and canonical_window("1:") == "1:"
+    assert parse_window(":-1", 4) == [0, 1, 2] and parse_window("3,-1,3", 4) == [3]
+    with pytest.raises(WindowError, match=r"--layers 'none' selects none of the model's 4"):
+        parse_window("none", 4)
+    with pytest.raises(WindowError, match=r"--layers '5:9' selects none of the model's 4"):
+        parse_window("5:9", 4)
+    with pytest.raises(WindowError, match=r"--layers must be a layer window: .*got '1:2:3'"):
+        parse_window("1:2:3", 4)
+    # A bad window in a request rejects that request only: it is a RequestSteeringError.
+    assert issubclass(WindowError, RequestSteeringError)
+
+
+def _catalog(num_layers: int = TOY_LAYERS) -> PlaneCatalog:
+    return PlaneCatalog.build(EngineSteering.from_dict({"plane": "/p"}), ["pid"], num_layers)
+
+
+@pytest.mark.parametrize(
+    ("window", "layers"), [("-2:", [2, 3]), ("0,-1", [0, 3]), ("all", [0, 1, 2, 3])]
+)
+def test_commands_and_requests_read_one_window_grammar(window, layers):
+    from rotserve.extract.config import ExtractConfig
+    from rotserve.serve import build_parser, serve_command
+
+    steering = parse_request({"rotserve_angle": 90.0, "rotserve_layers": window})
+    assert list(_catalog().resolve(steering).layers) == layers
+    # serve: its flag, then the checks every engine start makes (model config, plane), no engine
+    # (`--layers=-2:`: argparse reads a separate "-2:" as an option.)
+    command = serve_command(build_parser().parse_args([f"--layers={window}"]), [])
+    overrides = json.loads(command.argv[command.argv.index("--hf-overrides") + 1])
+    assert overrides["rotserve"]["layers"] == layers
+    # extract: its config takes the window before any model loads (test_extract resolves it)
+    ExtractConfig(layers=window).validate()
+    assert parse_window(window, TOY_LAYERS) == layers
+
+
+@pytest.mark.parametrize("window", ["1:2:3", "x", "0,9"])
+def test_commands_and_requests_give_one_message_for_a_bad_window(window, tmp_path, capsys):
+    from rotserve.extract.cli import main as extract
+    from rotserve.serve import main as serve
+
+    with pytest.raises(WindowError) as expected:
+        parse_window(window, TOY_LAYERS, "--layers")
+    message = str(expected.value)
+    assert serve([f"--layers={window}"]) == 2
+    assert f"serve: error: {message}\n" in capsys.readouterr().err
+    args = [f"--layers={window}", "--out", str(tmp_path / "p.safetensors"), "--quiet"]
+    assert extract(args) == 2
+    assert f"error: {message}\n" in capsys.readouterr().err
+    # The request names its own field; the rest of the message is the same words.
+    tail = message.removeprefix("--layers").lstrip(": ")
+    with pytest.raises(RequestSteeringError, match=re.escape(tail)):
+        _catalog().resolve(parse_request({"rotserve_angle": 90.0, "rotserve_layers": window}))
 
 
 # -- token -> request mapping, tracker, rotation state -----------------------------------------
@@ -165,12 +278,16 @@ def test_engine_steering_checks_sites_against_the_architecture():
 
 
 def test_this_file_passes_without_vllm_installed():
-    """Block `import vllm` in a fresh interpreter and run every other test of this file."""
+    """Block `import vllm` in a fresh interpreter and run every other test of this file.
+
+    Except the commands' tests: they check `rotserve serve` and `rotserve extract` (and would
+    add ~10 s of transformers imports), not that the vocabulary runs without vLLM.
+    """
     code = (
         "import sys; sys.modules['vllm'] = None; "  # `import vllm` now raises ImportError
         "import pytest; sys.exit(pytest.main(["
         f"{__file__!r}, '-q', '-p', 'no:cacheprovider', "
-        "'-k', 'not without_vllm']))"
+        "'-k', 'not without_vllm and not commands_and_requests']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
