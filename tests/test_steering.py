@@ -208,7 +208,7 @@ def test_commands_and_requests_give_one_message_for_a_bad_window(window, tmp_pat
     from rotserve.extract.cli import main as extract
     from rotserve.serve import main as serve
 
-    with pytest.raises(WindowError) as expected:
+    with pytest.raises(WindowError, match="^--layers") as expected:
         parse_window(window, TOY_LAYERS, "--layers")
     message = str(expected.value)
     assert serve([f"--layers={window}"]) == 2

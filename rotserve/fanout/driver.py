@@ -1,18 +1,9 @@
 """The driver loop: keep every engine actor busy with pending shards, publish each result once.
 
-Why Ray core actors and not Ray Data. The hard requirements are exactly-once parts, resume
-after the job is killed, and surviving an engine (actor) death. With Ray core each is a few
-explicit lines:
-- a shard is the unit of work AND of output: its table becomes one part file named by its
-  deterministic id, published atomically by the driver (PartStore.write_part), so a finished
-  shard is simply "its file exists" and resume is "skip those ids";
-- an engine actor that dies (ray.kill, OOM, node lost) raises RayActorError on its in-flight
-  shards: the driver puts them back at the front of the queue and starts a replacement; a late
-  or duplicate result for a shard already written is dropped, so nothing is doubled;
-- the driver alone writes, so workers on other nodes need no shared filesystem.
-Ray Data's write_parquet appends files with random names, has no notion of "this block is
-already on disk" across job runs, and retries failed blocks by re-executing them, so resume
-and no-duplicates would have to be rebuilt around it anyway.
+A shard is the unit of work and of output: its table becomes one part file named by its
+deterministic id, written by the driver alone. A dead engine's shards go back to the front of
+the queue and a replacement takes its slot; a late duplicate of a shard already on disk is
+dropped. Why Ray core actors and not Ray Data: docs/DESIGN.md.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
     verdicts = rotserve.rundir.read_verdicts(result.run_dir, result.name)
 
 rubrics.py (templates and labels) and prompts.py (rendering, the context rule) are pure;
-plan.py cuts the rows into shards; store.py is the verdict table (the grid's PartStore);
-engine.py is the judge engine and its shard work; job.py chains them on the grid's fan-out.
+plan.py cuts the rows into shards; store.py is the verdict table (a fan-out PartStore);
+engine.py is the judge engine and its worker; job.py chains them on rotserve.fanout.
 """
 
 from rotserve.judge.config import JudgeConfig, JudgeConfigError
