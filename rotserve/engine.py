@@ -251,7 +251,7 @@ class RotServeEngine:
                 prompt_token_ids=prompt_token_ids,
                 finish_reason=comp.finish_reason,
                 logprobs=chosen_logprobs(comp) if logprobs else None,
-                plane=None if resolved is None else self._plane_name(resolved.plane),
+                plane=None if resolved is None else self._plane_name(resolved.slot),
                 plane_id=None if resolved is None else resolved.plane_id,
                 layers=() if resolved is None else resolved.layers,
             )

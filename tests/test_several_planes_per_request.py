@@ -38,7 +38,7 @@ def test_request_names_plane_window_and_sites():
     """Both argument forms; the window has one canonical spelling. (<0.1 s)"""
     flat = parse_request({"rotserve_angle": 90, "rotserve_plane": "b", "rotserve_layers": "1 : 3"})
     nested = parse_request({"rotserve": {"angle": 90, "plane": "b", "layers": "1:3"}})
-    assert flat == nested and flat.layers == "1:3"
+    assert flat == nested and flat.window == "1:3"
     assert canonical_window([3, 4]) == "3,4" and canonical_window([]) == "none"
     assert parse_request({"rotserve": {"angle": 1, "sites": "post_attention_layernorm"}}).sites == (
         "post_attention_layernorm",
@@ -56,11 +56,11 @@ def test_request_names_plane_window_and_sites():
 def test_catalog_resolves_planes_windows_and_salts():
     catalog = _catalog(layers=[1, 2])
     default = catalog.resolve(parse_request({"rotserve_angle": 90}))
-    assert default.plane == 0 and default.layers == (1, 2) and default.window_tag == ""
+    assert default.slot == 0 and default.layers == (1, 2) and default.window_tag == ""
     # The default request keeps the single-plane salt spelling.
     assert default.cache_salt() == "rotserve:aaaaaaaaaaaa:absolute:plain:90.0"
     by_id = catalog.resolve(parse_request({"rotserve_angle": 90, "rotserve_plane": "bbbbbbbbbbbb"}))
-    assert by_id.plane == 1 and by_id.cache_salt() != default.cache_salt()
+    assert by_id.slot == 1 and by_id.cache_salt() != default.cache_salt()
     window = catalog.resolve(parse_request({"rotserve_angle": 90, "rotserve_layers": "-1:"}))
     assert window.layers == (3,) and window.gates == (False,) * 6 + (True, True)
     salts = {

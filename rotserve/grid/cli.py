@@ -85,8 +85,8 @@ def _model_args(g: argparse._ArgumentGroup, d: GridConfig) -> None:
         help="a layer window to steer: all, a:b (a Python slice, negatives from the end), a "
         "list like 3,4,-1, or selective (per plane, the layers where the mean harmful and "
         "harmless activations project on b1 with opposite signs, from the extraction "
-        "statistics in the plane file); repeat to sweep several windows in one run "
-        "(default: all)",
+        "statistics in the plane file); repeat to sweep several windows in one run; write "
+        "--layers=-2: for a window that starts with '-' (default: all)",
     )
     g.add_argument(
         "--dtype",

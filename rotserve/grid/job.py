@@ -18,20 +18,13 @@ from rotserve.grid.config import GridConfig, ResolvedGrid, resolve
 from rotserve.grid.manifest import build_manifest
 from rotserve.grid.plan import GridPlan, conditions, make_plan
 from rotserve.grid.result import RunResult
-from rotserve.grid.rows import EngineFactory, GridWorker, GridWorkerSpec, RowContext
+from rotserve.grid.rows import GridWorker, GridWorkerSpec, RowContext
 from rotserve.grid.store import RunStore
 
 
-def run_grid(
-    config: GridConfig,
-    *,
-    engine_factory: EngineFactory | None = None,
-    argv: list[str] | None = None,
-) -> RunResult:
-    """Run (or resume) a grid. Raises GridConfigError (or RunDirError) before anything starts.
-
-    `engine_factory` builds each actor's engine from its EngineSpec (default: RotServeEngine);
-    a test may wrap the real one, e.g. to kill it mid-run."""
+def run_grid(config: GridConfig, *, argv: list[str] | None = None) -> RunResult:
+    """Run (or resume) a grid. Raises GridConfigError (or RunDirError) before anything starts;
+    `argv` is recorded in the manifest."""
     t0 = time.perf_counter()
     resolved = resolve(config)  # every input checked; no Ray, no vLLM yet
     plan = plan_grid(resolved)
@@ -45,7 +38,7 @@ def run_grid(
             plan=plan,
             store=store,
             worker=GridWorker,
-            worker_spec=GridSpec(resolved, engine_factory),
+            worker_spec=GridSpec(resolved),
             options=config.execution,
             headline=f"run {resolved.run_id}: {plan.n_rows} rows = {n_prompts} prompts × "
             f"{len(plan.conditions)} conditions × {plan.samples} sample(s), "
@@ -87,9 +80,8 @@ class GridSpec:
     """The spec of every grid actor at a placement: the engine (model, planes, vLLM
     arguments) and the rows' constants."""
 
-    def __init__(self, resolved: ResolvedGrid, engine_factory: EngineFactory | None) -> None:
+    def __init__(self, resolved: ResolvedGrid) -> None:
         self.resolved = resolved
-        self.engine_factory = engine_factory
 
     def __call__(self, where: Placement) -> GridWorkerSpec:
         r, c = self.resolved, self.resolved.config
@@ -118,4 +110,4 @@ class GridSpec:
             coherence=c.coherence,
             selective=dict(r.selective),
         )
-        return GridWorkerSpec(engine, rows, self.engine_factory)
+        return GridWorkerSpec(engine, rows)

@@ -3,7 +3,7 @@ generate call, each completion paired with its unit and scored into a row."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,24 +68,19 @@ class GridEngine(Protocol):
     def close(self) -> None: ...
 
 
-EngineFactory = Callable[[EngineSpec], GridEngine]
-
-
 @dataclass(frozen=True)
 class GridWorkerSpec:
-    """What every grid actor is built from: its engine and the rows' constants.
-    `engine_factory` None: the real engine (fanout.make_engine)."""
+    """What every grid actor is built from: its engine and the rows' constants."""
 
     engine: EngineSpec
     rows: RowContext
-    engine_factory: EngineFactory | None = None
 
 
 class GridWorker(Worker):
     """A steered engine in one actor, turning shards into rows."""
 
     def __init__(self, spec: GridWorkerSpec) -> None:
-        self.engine = (spec.engine_factory or make_engine)(spec.engine)
+        self.engine: GridEngine = make_engine(spec.engine)
         self.rows = spec.rows
 
     def __call__(self, shard: Shard) -> pa.Table:

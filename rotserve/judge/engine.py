@@ -9,7 +9,7 @@ re-tokenized chat text could gain a second BOS).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,24 +65,19 @@ class JudgeEngine:
         self.engine.close()
 
 
-JudgeFactory = Callable[[EngineSpec], Any]
-
-
 @dataclass(frozen=True)
 class JudgeWorkerSpec:
-    """What every judge actor is built from: its stock engine and the verdicts' constants.
-    `engine_factory` None: the real JudgeEngine."""
+    """What every judge actor is built from: its stock engine and the verdicts' constants."""
 
     engine: EngineSpec
     verdicts: VerdictContext
-    engine_factory: JudgeFactory | None = None
 
 
 class JudgeWorker(Worker):
     """A judge engine in one actor, turning shards of judge prompts into verdicts."""
 
     def __init__(self, spec: JudgeWorkerSpec) -> None:
-        self.engine = (spec.engine_factory or JudgeEngine)(spec.engine)
+        self.engine = JudgeEngine(spec.engine)
         self.verdicts = spec.verdicts
 
     def __call__(self, shard: JudgeShard) -> pa.Table:

@@ -17,7 +17,7 @@ from typing import Any
 from rotserve.fanout import Job, Placement, engine_spec, now, provenance, run_attempt
 from rotserve.fanout.job import log
 from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
-from rotserve.judge.engine import JudgeFactory, JudgeWorker, JudgeWorkerSpec, VerdictContext
+from rotserve.judge.engine import JudgeWorker, JudgeWorkerSpec, VerdictContext
 from rotserve.judge.prompts import TRUNCATION_RULE
 from rotserve.judge.store import VerdictStore
 from rotserve.rundir import VERDICT_FORMAT, VERDICT_SCHEMA, part_files_in
@@ -47,7 +47,6 @@ class JudgeResult:
 def run_judge(
     config: JudgeConfig,
     *,
-    engine_factory: JudgeFactory | None = None,
     argv: list[str] | None = None,
 ) -> JudgeResult:
     """Judge every row of a complete grid run into its own verdict table (or resume one).
@@ -68,7 +67,7 @@ def run_judge(
             plan=plan,
             store=store,
             worker=JudgeWorker,
-            worker_spec=JudgeSpec(resolved, engine_factory),
+            worker_spec=JudgeSpec(resolved),
             options=config.execution,
             headline=f"judge {resolved.name}: {plan.n_rows} rows of run {resolved.run_id} "
             f"({plan.n_rows - resolved.n_rule} to the judge, {resolved.n_rule} by the rubric's "
@@ -169,9 +168,8 @@ class JudgeSpec:
     """The spec of every judge actor at a placement: the stock judge engine, its context
     length, and the verdicts' constants."""
 
-    def __init__(self, resolved: ResolvedJudge, engine_factory: JudgeFactory | None) -> None:
+    def __init__(self, resolved: ResolvedJudge) -> None:
         self.resolved = resolved
-        self.engine_factory = engine_factory
 
     def __call__(self, where: Placement) -> JudgeWorkerSpec:
         r, c = self.resolved, self.resolved.config
@@ -186,4 +184,4 @@ class JudgeSpec:
         verdicts = VerdictContext(
             run_id=r.run_id, judge=r.judge, rubric=r.rubric.name, labels=r.rubric.labels
         )
-        return JudgeWorkerSpec(engine, verdicts, self.engine_factory)
+        return JudgeWorkerSpec(engine, verdicts)

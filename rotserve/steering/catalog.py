@@ -28,7 +28,7 @@ class ResolvedSteering:
     """A request's steering against one engine: plane slot and the gate of every steered norm."""
 
     steering: RequestSteering
-    plane: int  # slot index in the engine's planes
+    slot: int  # the plane's slot index in the engine (its name is catalog.names[slot])
     plane_id: str
     layers: tuple[int, ...]  # absolute, sorted
     sites: tuple[str, ...]
@@ -87,10 +87,10 @@ class PlaneCatalog:
     def resolve(self, steering: RequestSteering) -> ResolvedSteering:
         """The plane slot and gates of one request; RequestSteeringError naming what is wrong."""
         index = self.plane_index(steering.plane)
-        if steering.layers is None:
+        if steering.window is None:
             layers = self.default_layers
         else:
-            layers = tuple(window_layers(steering.layers, self.num_layers))
+            layers = tuple(window_layers(steering.window, self.num_layers))
         sites = self.default_sites if steering.sites is None else steering.sites
         wanted = {(layer, site) for layer in layers for site in sites}
         missing = sorted(wanted - set(self.steerable))
@@ -112,7 +112,7 @@ class PlaneCatalog:
         )
         return ResolvedSteering(
             steering=steering,
-            plane=index,
+            slot=index,
             plane_id=self.ids[index],
             layers=layers,
             sites=tuple(sites),

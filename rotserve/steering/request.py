@@ -28,17 +28,17 @@ MODES = ("absolute", "relative")
 class RequestSteering:
     """One request's steering. angle None = unsteered (bit-identical to the stock model).
 
-    plane, layers and sites None = the engine's defaults (its first plane, its default window
-    and sites). `layers` is kept as the canonical spelling of the window ("all", "none",
-    "a:b" with Python slice semantics, or "3,4,5"); the engine's PlaneCatalog resolves it
-    against the model's layer count.
+    plane, window and sites None = the engine's defaults (its first plane, its default window
+    and sites). `window` is the canonical spelling of the request's `layers` argument ("all",
+    "none", "a:b" with Python slice semantics, or "3,4,5"); the engine's PlaneCatalog resolves
+    it to absolute layers against the model's layer count.
     """
 
     angle: float | None = None
     adaptive: bool = False
     mode: str = "absolute"
     plane: str | None = None  # a plane name or plane id of the engine
-    layers: str | None = None
+    window: str | None = None  # sent as the request's `layers`
     sites: tuple[str, ...] | None = None
 
     @property
@@ -54,8 +54,8 @@ class RequestSteering:
         fields: dict[str, Any] = {"angle": self.angle, "adaptive": self.adaptive, "mode": self.mode}
         if self.plane is not None:
             fields["plane"] = self.plane
-        if self.layers is not None:
-            fields["layers"] = self.layers
+        if self.window is not None:
+            fields["layers"] = self.window
         if self.sites is not None:
             fields["sites"] = list(self.sites)
         return {REQUEST_KEY: fields}
@@ -162,7 +162,7 @@ def parse_request(
         adaptive=_flag(fields.get("adaptive", False), spell("adaptive")),
         mode=_mode(fields.get("mode", "absolute"), spell("mode")),
         plane=_request_plane(fields.get("plane"), spell("plane")),
-        layers=None if layers is None else canonical_window(layers, spell("layers")),
+        window=None if layers is None else canonical_window(layers, spell("layers")),
         sites=_request_sites(fields.get("sites"), spell("sites")),
     )
 

@@ -43,7 +43,7 @@ def steering_row(steering: RequestSteering, catalog: PlaneCatalog | None = None)
     )[0]
     if catalog is not None:
         resolved = catalog.resolve(steering)
-        row[TABLE_WIDTH + resolved.plane] = 1.0
+        row[TABLE_WIDTH + resolved.slot] = 1.0
         gate0 = TABLE_WIDTH + catalog.slots
         row[gate0 : gate0 + len(resolved.gates)] = torch.tensor(resolved.gates, dtype=torch.float32)
     return row

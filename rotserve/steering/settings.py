@@ -43,7 +43,7 @@ class EngineSteering:
     steerable_sites: tuple[str, ...] = SITES
 
     @property
-    def plane(self) -> Path:
+    def plane_path(self) -> Path:
         """The default plane's file (the first one): what a request naming no plane steers."""
         return self.planes[0][1]
 
@@ -114,7 +114,7 @@ class EngineSteering:
         """
         out: dict[str, Any] = {}
         if self.plane_names == (DEFAULT_PLANE,) and self.max_planes is None:
-            out["plane"] = str(self.plane.resolve())
+            out["plane"] = str(self.plane_path.resolve())
         else:
             out["planes"] = {name: str(path.resolve()) for name, path in self.planes}
             if self.max_planes is not None:

@@ -95,7 +95,7 @@ class SteeringSetup:
 
     @property
     def plane_path(self) -> Path:
-        return self.settings.plane
+        return self.settings.plane_path
 
     def hf_overrides(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """`base` plus the rotated architecture and the plane settings (they win)."""

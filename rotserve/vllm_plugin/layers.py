@@ -22,7 +22,7 @@ from rotserve.vllm_plugin.state import RotationState
 class RotatedRMSNorm(RMSNorm):
     """RMSNorm followed by the per-token rotation of its normalised output."""
 
-    def __init__(self, like: RMSNorm, rotation: RotationState, site: int | None = None) -> None:
+    def __init__(self, like: RMSNorm, rotation: RotationState, gate: int | None = None) -> None:
         super().__init__(
             like.hidden_size,
             eps=like.variance_epsilon,
@@ -30,10 +30,10 @@ class RotatedRMSNorm(RMSNorm):
             has_weight=like.has_weight,
             dtype=like.weight.dtype,
         )
-        # One RotationState shared by every steered norm: one table write per step. `site`
+        # One RotationState shared by every steered norm: one table write per step. `gate`
         # is this norm's gate column (a Python int, constant to the compiled graph).
         self.rotation = rotation
-        self.site = site
+        self.gate = gate
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -41,12 +41,12 @@ class RotatedRMSNorm(RMSNorm):
         # Branching on `residual is None` is fixed per call site (first layer or not), exactly
         # like the stock layers do; nothing here depends on tensor values.
         if residual is None:
-            return self.rotation(super().forward(x), self.site)
+            return self.rotation(super().forward(x), self.gate)
         normed, residual = super().forward(x, residual)
-        return self.rotation(normed, self.site), residual
+        return self.rotation(normed, self.gate), residual
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", rotated (gate {self.site})"
+        return super().extra_repr() + f", rotated (gate {self.gate})"
 
 
 def install_rotation(

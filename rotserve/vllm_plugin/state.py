@@ -154,12 +154,12 @@ class RotationState(nn.Module):
         """[2, H] of the first plane (the single-plane engine's basis)."""
         return self.bases[0]
 
-    def forward(self, h: torch.Tensor, site: int | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, gate_column: int | None = None) -> torch.Tensor:
         table = self.token_table[: h.shape[0]]
-        if site is None or not self.num_gates:
+        if gate_column is None or not self.num_gates:
             gate = None
         else:
-            gate = table[:, TABLE_WIDTH + self.num_planes + site]
+            gate = table[:, TABLE_WIDTH + self.num_planes + gate_column]
         onehot = table[:, TABLE_WIDTH : TABLE_WIDTH + self.num_planes]
         return rotate_planes(h, self.bases, table, onehot, gate)
 
