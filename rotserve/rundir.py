@@ -79,14 +79,16 @@ KEY_COLUMNS = ("dataset", "prompt_id", "angle", "adaptive", "plane", "window", "
 
 # The setting of a run with one plane steered at every layer: rows of such runs (and of every
 # run before sweeps) carry these names, and their run ids, plan fingerprints and report
-# labels are the ones they had before planes and windows were key columns.
-DEFAULT_PLANE_NAME = "default"
+# labels are the ones they had before planes and windows were key columns. The plane's name
+# is rotserve.steering.DEFAULT_PLANE (spelled here too so that readers of a run directory
+# need not import torch; a test keeps the two equal).
+DEFAULT_PLANE = "default"
 ALL_LAYERS = "all"
 
 
 def is_default_setting(plane: str | None, window: str | None) -> bool:
     """The run's one plane at every layer, or the baseline (no plane, no window)."""
-    return (plane, window) in ((None, None), (DEFAULT_PLANE_NAME, ALL_LAYERS))
+    return (plane, window) in ((None, None), (DEFAULT_PLANE, ALL_LAYERS))
 
 
 class RunDirError(ValueError):

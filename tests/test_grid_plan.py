@@ -18,7 +18,7 @@ def prompt_sets(n_harm: int = 5, n_safe: int = 3) -> tuple[PromptSet, ...]:
     return (ps("harmful", n_harm), ps("harmless", n_safe))
 
 
-def test_conditions_baseline_first_and_modes():
+def test_conditions_baseline_first_and_masks():
     conds = conditions(evenly_spaced(4), (False, True), baseline=True)
     assert conds[0] == Condition(None, False)
     assert len(conds) == 1 + 4 * 2
@@ -55,3 +55,15 @@ def test_plan_is_deterministic_and_fingerprinted():
     assert a == b and a.fingerprint == b.fingerprint
     assert make_plan(prompt_sets(), conds, shard_size=6).fingerprint != a.fingerprint
     assert make_plan(prompt_sets(6), conds, shard_size=5).fingerprint != a.fingerprint
+
+
+def test_a_single_plane_run_is_named_as_the_steering_vocabulary_names_its_plane():
+    """The run directory spells the default plane's name itself (its readers need no torch);
+    it must be the name an engine gives its one plane, or run ids and labels would drift."""
+    from rotserve import rundir, steering
+
+    assert rundir.DEFAULT_PLANE == steering.DEFAULT_PLANE
+    assert rundir.is_default_setting(steering.DEFAULT_PLANE, "all")
+    assert rundir.is_default_setting(None, None)  # the baseline
+    assert not rundir.is_default_setting(steering.DEFAULT_PLANE, "0:2")
+    assert not rundir.is_default_setting("rand", "all")

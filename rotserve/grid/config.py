@@ -29,7 +29,7 @@ from rotserve.paths import (
 )
 from rotserve.plane import Plane, PlaneError, file_sha256, selective_layers
 from rotserve.prompts import Prompt, PromptFileError, load_prompts
-from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE_NAME, is_default_setting
+from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE, is_default_setting
 from rotserve.steering import (
     ModelInfo,
     RequestSteeringError,
@@ -239,7 +239,7 @@ def run_identity(
     sweep: dict[str, Any] = {}
     if not all(is_default_setting(name, ALL_LAYERS) for name, _ in plane_shas):
         sweep["planes"] = [list(p) for p in plane_shas]
-    if not all(is_default_setting(DEFAULT_PLANE_NAME, w) for w in windows):
+    if not all(is_default_setting(DEFAULT_PLANE, w) for w in windows):
         sweep["windows"] = list(windows)
     return {
         **sweep,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rotserve.grid.config import PromptSet
-from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE_NAME, is_default_setting
+from rotserve.rundir import ALL_LAYERS, DEFAULT_PLANE, is_default_setting
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def conditions(
     angles: Sequence[float],
     adaptive_masks: Sequence[bool],
     baseline: bool,
-    planes: Sequence[str] = (DEFAULT_PLANE_NAME,),
+    planes: Sequence[str] = (DEFAULT_PLANE,),
     windows: Sequence[str] = (ALL_LAYERS,),
 ) -> tuple[Condition, ...]:
     """Baseline first (if asked), then every plane x window x mask x angle."""
