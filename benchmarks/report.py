@@ -441,7 +441,7 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             f"{st['requests']} requests (prompts of {st['prompt_tokens_min']}-"
             f"{st['prompt_tokens_max']} tokens) x {st['max_tokens']} output tokens per round, "
             f"{st['rounds']} rounds; rotserve rotates both norm outputs of all "
-            f"{st['layers']} layers, a different angle per request (plain mode, every token).",
+            f"{st['layers']} layers, a different angle per request (plain mask, every token).",
             "",
             "| contender | median tok/s | min | max |",
             "|---|---|---|---|",

@@ -33,7 +33,7 @@ def newest_run(root: Path = Path("runs")) -> Path:
 
 
 def refusal_by_angle(rows_dir: Path):
-    """DuckDB straight on the part files: refusal rate per dataset, mode and angle."""
+    """DuckDB straight on the part files: refusal rate per dataset, mask and angle."""
     import duckdb
 
     return duckdb.sql(
@@ -53,11 +53,11 @@ def plot(summary, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    modes = sorted(summary["adaptive"].unique())
+    masks = sorted(summary["adaptive"].unique())
     fig, axes = plt.subplots(
-        1, len(modes), subplot_kw={"projection": "polar"}, figsize=(5.5 * len(modes), 5.5)
+        1, len(masks), subplot_kw={"projection": "polar"}, figsize=(5.5 * len(masks), 5.5)
     )
-    for ax, adaptive in zip(np.atleast_1d(axes), modes, strict=True):
+    for ax, adaptive in zip(np.atleast_1d(axes), masks, strict=True):
         part = summary[summary["adaptive"] == adaptive]
         for dataset, g in part.groupby("dataset"):
             steered = g.dropna(subset=["angle"]).sort_values("angle")

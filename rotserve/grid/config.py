@@ -470,7 +470,7 @@ def _load_prompt_sets(
         if dup_ids:
             raise GridConfigError(
                 f"--prompts {label}={raw}: prompt id(s) used twice: {', '.join(dup_ids[:5])}; "
-                "rows are keyed by (dataset, prompt_id, angle, mode, sample)"
+                "rows are keyed by (dataset, prompt_id, angle, mask, plane, window, sample)"
             )
         sets.append(
             PromptSet(label=label, path=path, sha256=file_sha256(path), prompts=tuple(loaded))

@@ -11,10 +11,10 @@ LayerDrop (each step skips each decoder layer with probability `layer_drop`) is 
 toy steer like a large chat model. Trained without it, the toy decides to refuse in layer 0's
 MLP, from a direction (L0.resid_mid) about 70 degrees from the one every later site carries;
 the max_sim plane then puts its refusal peak near 300 degrees instead of 0, and 0 degrees in
-plain mode made only 28-43% of harmless prompts refuse. With layers dropped at random, every
+the plain mask made only 28-43% of harmless prompts refuse. With layers dropped at random, every
 layer must be able to read the refusal feature and act on it, as in deep models, where no single
 layer decides: the max_sim plane's refusal peak moves to 0 degrees (97% of held-out harmless
-prompts refuse there, in plain mode), while unsteered refusal stays >= 95% / <= 5%.
+prompts refuse there, with the plain mask), while unsteered refusal stays >= 95% / <= 5%.
 """
 
 from __future__ import annotations
