@@ -54,6 +54,7 @@ def run_attempt(job: Job, manifest: dict[str, Any], state: str, t0: float) -> At
     """Run the job's pending shards; `manifest` (the job's own, with an `attempts` list) gains
     this attempt and, on success, `status`, `rows` and `timings`. `t0` is when the job started
     (resolve time counts in `total_s`)."""
+    job.options.check()  # before the manifest records an attempt that cannot start
     timings = {"resolve_s": time.perf_counter() - t0}
     store, plan = job.store, job.plan
     done = store.finished_shards(plan)

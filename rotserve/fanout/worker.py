@@ -13,9 +13,6 @@ import pyarrow as pa
 
 from rotserve.fanout.cluster import Placement, cpu_binding
 
-# What the manifest records of every engine (beside the worker's own info, e.g. its canary).
-ENGINE_INFO_KEYS = ("slot", "node", "host", "pid", "startup_s", "cpu_bind")
-
 
 class Worker(ABC):
     """A job's work in one actor: `__init__(spec)` builds the engine (once; slow), `__call__`
