@@ -24,7 +24,7 @@ from rotserve.steering import (
     canonical_window,
     parse_request,
 )
-from rotserve.vllm_plugin.state import RequestRows, RotationState
+from rotserve.steering.table import RequestRows, RotationState
 
 LOGPROB_TOL = 1e-4
 

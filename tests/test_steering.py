@@ -37,7 +37,7 @@ from rotserve.steering import (
     parse_window,
     rotated_architecture,
 )
-from rotserve.vllm_plugin.state import RequestRows, RotationState, token_slots
+from rotserve.steering.table import RequestRows, RotationState, token_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 

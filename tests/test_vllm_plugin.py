@@ -38,7 +38,7 @@ from rotserve.steering import (  # noqa: E402
     UnsupportedArchitectureError,
     identity_rows,
 )
-from rotserve.vllm_plugin.state import RotationState  # noqa: E402
+from rotserve.steering.table import RotationState  # noqa: E402
 
 ANGLES = (0.0, 90.0, 210.0, 300.0)
 NEW_TOKENS = 40

@@ -44,6 +44,7 @@ from rotserve.steering.setup import (
     prepare_steering,
     tracker_installed,
 )
+from rotserve.steering.table import RequestRows, RotationState, token_slots
 from rotserve.steering.window import (
     WindowError,
     absolute_layers,
@@ -71,10 +72,12 @@ __all__ = [
     "ModelConfigError",
     "ModelInfo",
     "PlaneCatalog",
+    "RequestRows",
     "RequestSteering",
     "RequestSteeringError",
     "ResolvedSteering",
     "RotServeConfigError",
+    "RotationState",
     "SteeringSetup",
     "UnsupportedArchitectureError",
     "WindowError",
@@ -92,6 +95,7 @@ __all__ = [
     "rotated_architecture",
     "row_width",
     "steering_row",
+    "token_slots",
     "tracker_installed",
     "window_layers",
 ]

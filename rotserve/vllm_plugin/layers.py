@@ -16,7 +16,7 @@ from torch import nn
 from vllm.model_executor.layers.layernorm import RMSNorm
 
 from rotserve.steering import RotServeConfigError
-from rotserve.vllm_plugin.state import RotationState
+from rotserve.steering.table import RotationState
 
 
 class RotatedRMSNorm(RMSNorm):

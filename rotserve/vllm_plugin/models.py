@@ -37,7 +37,7 @@ from rotserve.steering import (
     RotServeConfigError,
 )
 from rotserve.vllm_plugin.layers import install_rotation
-from rotserve.vllm_plugin.state import RotationState
+from rotserve.steering.table import RotationState
 from rotserve.vllm_plugin.tracker import (
     RotServeBatchTracker,
     claim_tracker,

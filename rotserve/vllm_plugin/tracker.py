@@ -41,7 +41,7 @@ from rotserve.steering import (
     is_tracker_fqcn,
     parse_request,
 )
-from rotserve.vllm_plugin.state import RequestRows
+from rotserve.steering.table import RequestRows
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

@@ -14,7 +14,7 @@ V2 resolves `model.get_model_state_cls()` and then, every step:
 Precedent in vLLM: `vllm/model_executor/models/longcat_flash_ngram.py` (LongcatNgramModelState).
 Imported lazily (only V2 calls get_model_state_cls), so the V1 path never imports V2 code.
 Not exercised on a GPU here (this project's machines are CPU-only); the slot/token logic is
-shared with V1 (rotserve.vllm_plugin.state) and tested without a GPU.
+shared with V1 (rotserve.steering.table) and tested without a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
 
 from rotserve.steering import RequestSteeringError, parse_request
-from rotserve.vllm_plugin.state import RequestRows, RotationState
+from rotserve.steering.table import RequestRows, RotationState
 
 logger = init_logger(__name__)
 

@@ -1,6 +1,7 @@
-"""The tensors the compiled model reads to rotate, and how they are refreshed every step.
+"""The per-token table a steered model reads, and how it is refreshed every step.
 
-Three pieces, used by both model runners:
+Torch only, so its slot logic is tested without vLLM; the vLLM plugin's models, tracker and
+V2 model state hold these. Three pieces, used by both model runners:
 
 - RequestRows: one angle-table row per request slot (host copy + device copy), written when
   a request joins the batch. Slot `capacity` is a permanent identity row that padding and
@@ -21,13 +22,9 @@ import torch
 from torch import nn
 
 from rotserve.rotation import COS, TABLE_WIDTH, rotate_planes
-from rotserve.steering import (
-    PlaneCatalog,
-    RequestSteering,
-    identity_rows,
-    row_width,
-    steering_row,
-)
+from rotserve.steering.catalog import PlaneCatalog
+from rotserve.steering.request import RequestSteering
+from rotserve.steering.rows import identity_rows, row_width, steering_row
 
 
 class RequestRows:
