@@ -167,11 +167,16 @@ def test_model_refuses_setups_where_steering_would_silently_not_happen(
     finally:
         compilation.cudagraph_mode = old
 
-    # Dual-batch overlap runs the model on slices of the batch: refused on both runners.
+    # Micro-batching (dual-batch overlap, or ubatch_size > 1) runs the model on slices of the
+    # batch: refused on both runners.
     monkeypatch.setattr(cpu_vllm_config.parallel_config, "enable_dbo", True)
-    with pytest.raises(RotServeConfigError, match="dual-batch overlap"):
+    with pytest.raises(RotServeConfigError, match="dual-batch overlap \\(enable_dbo=True\\)"):
         Probe()._check_runner(cpu_vllm_config)
     monkeypatch.setattr(cpu_vllm_config.parallel_config, "enable_dbo", False)
+    monkeypatch.setattr(cpu_vllm_config.parallel_config, "ubatch_size", 2)
+    with pytest.raises(RotServeConfigError, match="micro-batching.*ubatch_size 2"):
+        Probe()._check_runner(cpu_vllm_config)
+    monkeypatch.setattr(cpu_vllm_config.parallel_config, "ubatch_size", 0)
 
     # Model Runner V2: RotServeModelState attaches later; the tracker must still be listed
     # (it validates requests at admission).
@@ -183,6 +188,9 @@ def test_model_refuses_setups_where_steering_would_silently_not_happen(
     probe = Probe()
     probe._check_runner(cpu_vllm_config)
     assert probe._rotserve_runner is None  # until RotServeModelState attaches
+    monkeypatch.setattr(cpu_vllm_config.parallel_config, "ubatch_size", 2)  # V2's own setting
+    with pytest.raises(RotServeConfigError, match="micro-batching.*ubatch_size 2"):
+        Probe()._check_runner(cpu_vllm_config)
 
 
 def test_v2_model_state_without_gpu(cpu_vllm_config):
@@ -555,3 +563,26 @@ class TestLlamaInProcess:
             ref = hf.generate([rec.prompt], [angle], max_new_tokens=24)[0]
             assert rec.token_ids == ref.token_ids, f"angle={angle}"
             assert max_abs_diff(rec.logprobs, ref.logprobs) < LOGPROB_TOL
+
+
+# -- dtypes ----------------------------------------------------------------------------------
+
+
+def test_a_bfloat16_engine_steers_with_the_plane_file_bit_for_bit(tiny_qwen2, tiny_plane):
+    """The basis stays float32 in a bf16 engine: vLLM builds the model with its dtype as
+    torch's default, and a basis rounded to bf16 would turn every steered angle a little."""
+    from benchmarks.in_process import in_process_engine
+    from rotserve.engine import RotServeEngine
+    from rotserve.plane import load_plane
+
+    with in_process_engine():
+        eng = RotServeEngine(
+            tiny_qwen2, tiny_plane, canary=False, **{**ENGINE_KWARGS, "dtype": "bfloat16"}
+        )
+    try:
+        assert eng.llm.llm_engine.model_config.dtype == torch.bfloat16
+        (bases,) = eng.llm.apply_model(lambda model: model.rotation.bases.detach().cpu().clone())
+    finally:
+        eng.close()
+    assert bases.dtype == torch.float32
+    assert torch.equal(bases[0], load_plane(tiny_plane).basis)

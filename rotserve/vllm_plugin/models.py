@@ -36,8 +36,8 @@ from rotserve.steering import (
     PlaneCatalog,
     RotServeConfigError,
 )
-from rotserve.vllm_plugin.layers import install_rotation
 from rotserve.steering.table import RotationState
+from rotserve.vllm_plugin.layers import install_rotation
 from rotserve.vllm_plugin.tracker import (
     RotServeBatchTracker,
     claim_tracker,
@@ -63,8 +63,10 @@ class RotServeCausalLMMixin:
         self.rotserve_catalog = PlaneCatalog.build(
             settings, [p.plane_id for p in planes], len(layers)
         )
-        # Unused slots stay zero: no request can name them (the catalog has no entry).
-        bases = torch.zeros(settings.slots, 2, self.config.hidden_size)
+        # Unused slots stay zero: no request can name them (the catalog has no entry). float32
+        # whatever the model dtype: vLLM builds the model under its dtype as torch's default,
+        # and a bf16 copy of the plane would turn every steered angle by a little.
+        bases = torch.zeros(settings.slots, 2, self.config.hidden_size, dtype=torch.float32)
         for slot, plane in enumerate(planes):
             bases[slot] = plane.basis
 
@@ -104,11 +106,15 @@ class RotServeCausalLMMixin:
         """Refuse every configuration in which steering would silently not happen."""
         self._rotserve_runner: str | None = None  # "v1" here, or "v2" once the state attaches
         self._rotserve_tracker: RotServeBatchTracker | None = None
-        if vllm_config.parallel_config.enable_dbo:
+        parallel = vllm_config.parallel_config
+        if parallel.enable_dbo or parallel.ubatch_size > 1:
             # Micro-batches run the model on slices of the batch; the table is indexed from
             # token 0, so the second slice would read the first slice's rows.
             raise RotServeConfigError(
-                "rotserve does not support dual-batch overlap (enable_dbo): disable it"
+                "rotserve does not support micro-batching: dual-batch overlap (enable_dbo="
+                f"{parallel.enable_dbo}) and ubatch_size {parallel.ubatch_size} split a step "
+                "into slices that would read each other's steering rows; disable enable_dbo "
+                "and leave ubatch_size at 0 or 1"
             )
         if vllm_config.use_v2_model_runner:
             # RotServeModelState attaches itself; forward() checks it did. The tracker is still
