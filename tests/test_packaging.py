@@ -111,6 +111,18 @@ def test_everything_the_dockerfile_copies_and_runs_exists():
     assert re.search(r"^USER\s+(?!root|0\b)", text, re.M), "the image must not run as root"
 
 
+def test_every_cache_the_image_writes_is_writable_by_any_uid():
+    """`docker run --user $(id -u)` has no passwd entry (HOME=/): every cache vLLM, Triton and
+    torch write must be set to a folder the image makes world-writable."""
+    text = DOCKERFILE.read_text()
+    env = dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", text, re.M))
+    made = re.search(r"chmod -R 1777 (\S+)", text)
+    assert made, "no world-writable cache folder"
+    for var in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR"):
+        assert var in env, f"{var} is not set: it would fall back to a folder under HOME=/"
+        assert env[var].startswith(made.group(1)), f"{var}={env[var]} is outside {made.group(1)}"
+
+
 @pytest.mark.skipif(
     shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
     reason="hadolint is installed by the dev extra on x86_64 only",
