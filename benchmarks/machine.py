@@ -7,6 +7,8 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import rotserve.dtype
+
 
 def cpu_model() -> str:
     try:
@@ -22,15 +24,13 @@ def cpu_model() -> str:
 def cpu_flags() -> list[str]:
     """The ISA extensions that decide CPU matmul speed (bf16 and VNNI kernels)."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
+    have = rotserve.dtype.cpu_flags()
+    return [w for w in wanted if w in have]
+
+
+def native_bf16() -> bool:
+    """Whether `--dtype auto` means bfloat16 on this CPU (rotserve.dtype's rule)."""
+    return rotserve.dtype.choose_dtype("auto", gpu=False).dtype == "bfloat16"
 
 
 def _version(dist: str) -> str | None:
@@ -70,6 +70,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "native_bf16": native_bf16(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "physical_cores": psutil.cpu_count(logical=False),

@@ -198,7 +198,8 @@ def render_markdown(doc: dict[str, Any], interpretation: str | None = None) -> s
         "measured side by side in one process, alternating in rounds (A B, then B A) so that "
         "machine drift cancels; each ratio is the median of the per-round ratios.",
         "",
-        f"- **Device**: {doc['device']} ({', '.join(m.get('cpu_flags') or [])}); no GPU",
+        f"- **Device**: {doc['device']} ({', '.join(m.get('cpu_flags') or [])}); no GPU; "
+        + _bf16_note(m),
         f"- **Versions**: torch {v.get('torch')}, {v.get('vllm_distribution')} {v.get('vllm')}, "
         f"transformers {v.get('transformers')}, rotserve {v.get('rotserve')}, "
         f"Python {v.get('python')}",
@@ -666,3 +667,13 @@ def write_markdown(doc: dict[str, Any], path: Path) -> Path:
         text = merge_partial(path.read_text(encoding="utf-8"), text, sections)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _bf16_note(machine: dict[str, Any]) -> str:
+    """Native bf16 or not: it decides what `--dtype auto` runs and how fast bf16 rows are."""
+    native = machine.get("native_bf16")
+    if native is None:  # results written before the field existed
+        return "bf16 capability not recorded"
+    if native:
+        return "native bf16 (`--dtype auto` runs bfloat16)"
+    return "no native bf16 (`--dtype auto` runs float32; bfloat16 rows run several times slower)"

@@ -12,6 +12,7 @@ steered engine runs the start-up canary (rotserve.canary) and refuses to serve i
 from __future__ import annotations
 
 import gc
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.canary import CanaryReport, llm_executor, run_canary
+from rotserve.dtype import choose_dtype, gpu_in_sight
 from rotserve.logprobs import chosen_logprobs, prompt_token_logprobs
 from rotserve.plane import Plane
 from rotserve.prompts import chat_prompt
@@ -99,11 +101,15 @@ class RotServeEngine:
         elif layers is not None or sites is not None:
             raise RotServeConfigError("layers/sites given but no plane: nothing to steer")
 
+        self.dtype_choice = choose_dtype(dtype, gpu=gpu_in_sight())
+        if dtype == "auto":
+            print(f"rotserve: {self.dtype_choice.describe()}", file=sys.stderr)
+
         from vllm import LLM
 
         self.llm: Any = LLM(
             model=self.model,
-            dtype=dtype,
+            dtype=self.dtype_choice.dtype,
             enable_prefix_caching=enable_prefix_caching,
             hf_overrides=hf_overrides or None,
             logits_processors=logits_processors or None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rotserve.cli import DefaultsFormatter
+from rotserve.dtype import DTYPES, DtypeChoice, choose_dtype, gpu_in_sight
 from rotserve.paths import toy_model_dir, toy_plane
 from rotserve.steering import SITES
 
@@ -64,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address")
     p.add_argument("--port", type=int, default=8000, help="port")
-    p.add_argument("--dtype", default="auto", help="vLLM dtype")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="vLLM dtype (auto: bfloat16 on a CPU with native bf16, float32 on other CPUs, the "
+        "checkpoint's dtype on a GPU)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the vllm serve command and exit")
     return p
 
@@ -75,6 +82,7 @@ class ServeCommand:
 
     argv: list[str]
     env: dict[str, str]
+    dtype: DtypeChoice
 
 
 def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeCommand:
@@ -98,16 +106,17 @@ def serve_command(args: argparse.Namespace, passthrough: list[str]) -> ServeComm
         sites=[s for s in args.sites.split(",") if s],
         info=info,
     )
+    dtype = choose_dtype(args.dtype, gpu=gpu_in_sight())
     argv = [
         *vllm_serve_argv(args.model),
-        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
+        "--host", args.host, "--port", str(args.port), "--dtype", dtype.dtype,
         "--hf-overrides", json.dumps(setup.hf_overrides()),
         "--logits-processors", *setup.logits_processors(),
         "--middleware", MIDDLEWARE,
         *passthrough,
     ]  # fmt: skip
     env = {PLANE_ID_ENV: setup.plane.plane_id, CATALOG_ENV: setup.catalog.to_json()}
-    return ServeCommand(argv=argv, env=env)
+    return ServeCommand(argv=argv, env=env, dtype=dtype)
 
 
 def vllm_serve_argv(model: str) -> list[str]:
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PlaneError, RotServeConfigError, WindowError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
+    print(f"serve: {cmd.dtype.describe()}", file=sys.stderr)
     if args.dry_run:
         print(json.dumps({"argv": cmd.argv, "env": cmd.env}))
         return 0

@@ -162,6 +162,8 @@ def test_manifest_records_inputs_versions_and_counts(clean_run, grid_inputs):
     assert attempt["engine_info"][0]["cpu_bind"] == "0"
     canary = attempt["engine_info"][0]["canary"]  # every grid engine proved steering at start
     assert canary["runner"] == "V1" and canary["seconds"] > 0
+    engine = attempt["engine_info"][0]  # each engine's own dtype, and why
+    assert (engine["dtype"], engine["dtype_reason"]) == ("float32", "asked for")
     assert {"ray_start_s", "generate_s", "total_s"} <= set(m["timings"])
 
 

@@ -141,6 +141,8 @@ def test_rerunning_a_finished_table_resumes_it_without_an_engine(toy_run, clean)
     assert f"(0 parts written now, {N_SHARDS} resumed;" in rerun.stdout
     m = json.loads((toy_run / "verdicts" / f"{clean.name}.json").read_text())
     assert [a["state"] for a in m["attempts"]] == ["new", "resume"]
+    judge_engine = m["attempts"][0]["engine_info"][0]  # the judge's own dtype, and why
+    assert (judge_engine["dtype"], judge_engine["dtype_reason"]) == ("float32", "asked for")
 
 
 def test_a_verdict_table_cannot_be_attached_to_another_run(toy_run, clean, tmp_path):

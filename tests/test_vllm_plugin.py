@@ -577,7 +577,11 @@ def test_a_bfloat16_engine_steers_with_the_plane_file_bit_for_bit(tiny_qwen2, ti
 
     with in_process_engine():
         eng = RotServeEngine(
-            tiny_qwen2, tiny_plane, canary=False, **{**ENGINE_KWARGS, "dtype": "bfloat16"}
+            tiny_qwen2,
+            tiny_plane,
+            canary=False,
+            enforce_eager=True,  # what is checked is set at load; no need to compile
+            **{**ENGINE_KWARGS, "dtype": "bfloat16"},
         )
     try:
         assert eng.llm.llm_engine.model_config.dtype == torch.bfloat16

@@ -7,7 +7,7 @@ the driver publishes each shard's table once as a Parquet part; resumable, exact
 
 from rotserve.fanout.cluster import Placement
 from rotserve.fanout.driver import FanOutStats, Plan
-from rotserve.fanout.engines import DTYPES, EngineSpec, PlaneFile, engine_spec, make_engine
+from rotserve.fanout.engines import EngineSpec, PlaneFile, engine_spec, make_engine
 from rotserve.fanout.errors import ExecutionConfigError, FanOutError
 from rotserve.fanout.job import Attempt, Job, run_attempt
 from rotserve.fanout.options import ExecutionOptions
@@ -16,7 +16,6 @@ from rotserve.fanout.store import PartStore
 from rotserve.fanout.worker import Worker
 
 __all__ = [
-    "DTYPES",
     "Attempt",
     "EngineSpec",
     "ExecutionConfigError",

@@ -15,9 +15,6 @@ if TYPE_CHECKING:
     from rotserve.engine import RotServeEngine
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # vLLM's model dtypes (auto: bf16 on CPU)
-
-
 @dataclass(frozen=True)
 class PlaneFile:
     """A plane as it travels to an actor: its name, the driver's path, and the file itself

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rotserve.cli import DefaultsFormatter, non_negative_int, positive_int
-from rotserve.fanout import DTYPES
+from rotserve.dtype import DTYPES
 from rotserve.fanout.cli import add_execution_args, execution_from_args
 from rotserve.grid.config import (
     DEFAULT_ANGLE_COUNT,
@@ -92,7 +92,8 @@ def _model_args(g: argparse._ArgumentGroup, d: GridConfig) -> None:
         "--dtype",
         choices=DTYPES,
         default=d.dtype,
-        help="model dtype in vLLM (auto: bfloat16 on CPU)",
+        help="model dtype in vLLM (auto: bfloat16 on a CPU with native bf16, float32 on other "
+        "CPUs, the checkpoint's dtype on a GPU; each engine records its choice in the manifest)",
     )
     g.add_argument(
         "--enforce-eager",

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.fanout import DTYPES, ExecutionConfigError, ExecutionOptions
+from rotserve.dtype import DTYPES
+from rotserve.fanout import ExecutionConfigError, ExecutionOptions
 from rotserve.paths import (
     PLANE_FILENAME,
     ModelPathError,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 
+from rotserve.dtype import choose_dtype
 from rotserve.fanout import Job, Placement, PlaneFile, engine_spec, run_attempt
+from rotserve.fanout.job import log
 from rotserve.grid.config import GridConfig, ResolvedGrid, resolve
 from rotserve.grid.manifest import build_manifest
 from rotserve.grid.plan import GridPlan, conditions, make_plan
@@ -85,6 +87,9 @@ class GridSpec:
 
     def __call__(self, where: Placement) -> GridWorkerSpec:
         r, c = self.resolved, self.resolved.config
+        # Each engine resolves "auto" on its own node (recorded in the manifest's engine_info);
+        # this is what it means on the driver's machine.
+        log(f"engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
         planes = tuple(
             PlaneFile(name, str(path), path.read_bytes(), sha)
             for (name, path), (_, sha) in zip(r.steering.settings.planes, r.plane_shas, strict=True)

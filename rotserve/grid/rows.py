@@ -16,6 +16,7 @@ from rotserve.scoring import coherence, fluency, is_refusal
 
 if TYPE_CHECKING:
     from rotserve.canary import CanaryReport
+    from rotserve.dtype import DtypeChoice
     from rotserve.engine import Completion
 
 
@@ -43,6 +44,7 @@ class GridEngine(Protocol):
     """What the grid needs of an engine: RotServeEngine is one."""
 
     canary: CanaryReport | None
+    dtype_choice: DtypeChoice
 
     def generate(
         self,
@@ -87,10 +89,12 @@ class GridWorker(Worker):
         return to_table(generate_shard(self.engine, shard, self.rows))
 
     def info(self) -> dict[str, Any]:
+        choice = self.engine.dtype_choice
+        info: dict[str, Any] = {"dtype": choice.dtype, "dtype_reason": choice.reason}
         canary = self.engine.canary  # RotServeEngine refused to start if it failed
-        if canary is None:
-            return {}
-        return {"canary": {"seconds": round(canary.seconds, 3), **canary.stack}}
+        if canary is not None:
+            info["canary"] = {"seconds": round(canary.seconds, 3), **canary.stack}
+        return info
 
     def close(self) -> None:
         self.engine.close()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from rotserve.cli import DefaultsFormatter, positive_int
-from rotserve.fanout import DTYPES
+from rotserve.dtype import DTYPES
 from rotserve.fanout.cli import add_execution_args, execution_from_args, run_guarded
 from rotserve.judge.config import JudgeConfig, JudgeConfigError
 from rotserve.judge.rubrics import BUILTIN
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default=d.dtype,
-        help="judge dtype in vLLM (auto: bfloat16 on CPU)",
+        help="judge dtype in vLLM (auto: bfloat16 on a CPU with native bf16, float32 on other "
+        "CPUs, the checkpoint's dtype on a GPU)",
     )
     g.add_argument(
         "--max-model-len",

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotserve.fanout import DTYPES, ExecutionConfigError, ExecutionOptions
+from rotserve.dtype import DTYPES
+from rotserve.fanout import ExecutionConfigError, ExecutionOptions
 from rotserve.judge.plan import JudgeItem, JudgePlan, make_judge_plan
 from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
 from rotserve.judge.rubrics import Rubric, RubricError, load_rubric

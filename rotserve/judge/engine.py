@@ -83,6 +83,10 @@ class JudgeWorker(Worker):
     def __call__(self, shard: JudgeShard) -> pa.Table:
         return judge_shard(self.engine, shard, self.verdicts)
 
+    def info(self) -> dict[str, Any]:
+        choice = self.engine.engine.dtype_choice
+        return {"dtype": choice.dtype, "dtype_reason": choice.reason}
+
     def close(self) -> None:
         self.engine.close()
 

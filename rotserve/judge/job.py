@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rotserve.dtype import choose_dtype
 from rotserve.fanout import Job, Placement, engine_spec, now, provenance, run_attempt
 from rotserve.fanout.job import log
 from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
@@ -173,6 +174,7 @@ class JudgeSpec:
 
     def __call__(self, where: Placement) -> JudgeWorkerSpec:
         r, c = self.resolved, self.resolved.config
+        log(f"judge engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
         engine = engine_spec(
             where,
             r.judge,

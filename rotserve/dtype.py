@@ -1,0 +1,65 @@
+"""What `--dtype auto` means on this machine: bfloat16 where the CPU computes it natively,
+float32 where it does not (there bf16 matmuls run ~5x slower), vLLM's own choice on a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what every engine command accepts
+# CPU flags that mean bf16 matmuls in hardware (Linux /proc/cpuinfo names).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype an engine gets for the one asked for, and why (printed and recorded)."""
+
+    requested: str
+    dtype: str
+    reason: str
+
+    def describe(self) -> str:
+        if self.requested == self.dtype:
+            return f"dtype {self.dtype} ({self.reason})"
+        return f"dtype {self.requested} -> {self.dtype} ({self.reason})"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first processor's feature flags; empty where /proc/cpuinfo is not there."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def choose_dtype(requested: str, *, gpu: bool, flags: frozenset[str] | None = None) -> DtypeChoice:
+    """`requested` unless it is "auto"; then vLLM's choice on a GPU (the checkpoint's dtype),
+    bfloat16 on a CPU with native bf16, float32 on any other CPU. `flags`: the CPU's feature
+    flags (default: this machine's)."""
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
+    if requested != "auto":
+        return DtypeChoice(requested, requested, "asked for")
+    if gpu:
+        return DtypeChoice("auto", "auto", "GPU: vLLM uses the checkpoint's dtype")
+    native = sorted(set(NATIVE_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if native:
+        return DtypeChoice("auto", "bfloat16", f"this CPU has native bf16: {', '.join(native)}")
+    return DtypeChoice(
+        "auto",
+        "float32",
+        "this CPU has no native bf16 (no avx512_bf16, no AMX): bfloat16 would run several "
+        "times slower than float32; pass --dtype bfloat16 to have it anyway",
+    )
+
+
+def gpu_in_sight() -> bool:
+    """Whether an engine started here runs on a GPU (a CUDA torch with a device in sight)."""
+    import torch
+
+    return torch.cuda.is_available()
