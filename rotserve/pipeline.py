@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from rotserve.fanout.cli import run_guarded
+from rotserve.fanout.cli import execution_from_args, run_guarded
 from rotserve.grid import GridConfigError, run_grid
 from rotserve.grid.cli import build_parser as grid_parser
 from rotserve.grid.cli import config_from_args
@@ -76,7 +76,7 @@ def judge_run(args: argparse.Namespace, run_dir: Path) -> int:
         rubric=args.rubric,
         dtype=args.dtype,
         enforce_eager=args.enforce_eager,
-        execution=config_from_args(args).execution,
+        execution=execution_from_args(args),
     )
     verdicts, code = run_guarded("grid: judge", lambda: run_judge(config), (JudgeConfigError,))
     if code:

@@ -58,7 +58,6 @@ def test_serve_passes_the_resolved_dtype_to_vllm_emulated_avx2_cpu(monkeypatch, 
     from rotserve.serve import main
 
     monkeypatch.setattr(dtype, "cpu_flags", lambda: AVX2_ONLY)
-    monkeypatch.setattr(dtype, "gpu_in_sight", lambda: False)
     monkeypatch.setattr("rotserve.serve.gpu_in_sight", lambda: False)
     args = ["--model", str(toy_model_dir()), "--plane", str(toy_plane()), "--dry-run"]
     assert main(args) == 0

@@ -28,14 +28,6 @@ DEPTH = 2
 MAX_SHARD_ERRORS = 2
 
 
-class ShardLike(Protocol):
-    @property
-    def shard_id(self) -> str: ...
-
-    @property
-    def n_rows(self) -> int: ...
-
-
 class Plan(Protocol):
     """A job's plan as the fan-out needs it: its shards, each knowing its id and row count."""
 

@@ -12,6 +12,7 @@ The report is not a stage: it reads the finished run directory (rotserve.rundir)
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from rotserve.dtype import choose_dtype
 from rotserve.fanout import Job, Placement, PlaneFile, engine_spec, run_attempt
@@ -40,7 +41,7 @@ def run_grid(config: GridConfig, *, argv: list[str] | None = None) -> RunResult:
             plan=plan,
             store=store,
             worker=GridWorker,
-            worker_spec=GridSpec(resolved),
+            worker_spec=partial(grid_worker_spec, resolved),
             options=config.execution,
             headline=f"run {resolved.run_id}: {plan.n_rows} rows = {n_prompts} prompts × "
             f"{len(plan.conditions)} conditions × {plan.samples} sample(s), "
@@ -78,41 +79,36 @@ def plan_grid(resolved: ResolvedGrid) -> GridPlan:
     return make_plan(resolved.prompt_sets, conds, c.shard_size, c.samples_per_prompt)
 
 
-class GridSpec:
+def grid_worker_spec(r: ResolvedGrid, where: Placement) -> GridWorkerSpec:
     """The spec of every grid actor at a placement: the engine (model, planes, vLLM
     arguments) and the rows' constants."""
-
-    def __init__(self, resolved: ResolvedGrid) -> None:
-        self.resolved = resolved
-
-    def __call__(self, where: Placement) -> GridWorkerSpec:
-        r, c = self.resolved, self.resolved.config
-        # Each engine resolves "auto" on its own node (recorded in the manifest's engine_info);
-        # this is what it means on the driver's machine.
-        log(f"engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
-        planes = tuple(
-            PlaneFile(name, str(path), path.read_bytes(), sha)
-            for (name, path), (_, sha) in zip(r.steering.settings.planes, r.plane_shas, strict=True)
-        )
-        engine = engine_spec(
-            where,
-            r.model,
-            dtype=c.dtype,
-            enforce_eager=c.enforce_eager,
-            revision=c.revision,
-            # A sweep names its planes; a single-plane engine keeps its one-plane settings.
-            plane=None if c.planes else planes[0],
-            planes=planes if c.planes else (),
-        )
-        rows = RowContext(
-            run_id=r.run_id,
-            model=r.model,
-            plane_id=r.plane.plane_id,
-            max_tokens=c.max_tokens,
-            temperature=float(c.temperature),
-            seed=c.seed,
-            samples=c.samples_per_prompt,
-            coherence=c.coherence,
-            selective=dict(r.selective),
-        )
-        return GridWorkerSpec(engine, rows)
+    c = r.config
+    # Each engine resolves "auto" on its own node (recorded in the manifest's engine_info);
+    # this is what it means on the driver's machine.
+    log(f"engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
+    planes = tuple(
+        PlaneFile(name, str(path), path.read_bytes(), sha)
+        for (name, path), (_, sha) in zip(r.steering.settings.planes, r.plane_shas, strict=True)
+    )
+    engine = engine_spec(
+        where,
+        r.model,
+        dtype=c.dtype,
+        enforce_eager=c.enforce_eager,
+        revision=c.revision,
+        # A sweep names its planes; a single-plane engine keeps its one-plane settings.
+        plane=None if c.planes else planes[0],
+        planes=planes if c.planes else (),
+    )
+    rows = RowContext(
+        run_id=r.run_id,
+        model=r.model,
+        plane_id=r.plane.plane_id,
+        max_tokens=c.max_tokens,
+        temperature=float(c.temperature),
+        seed=c.seed,
+        samples=c.samples_per_prompt,
+        coherence=c.coherence,
+        selective=dict(r.selective),
+    )
+    return GridWorkerSpec(engine, rows)

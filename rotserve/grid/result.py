@@ -1,4 +1,4 @@
-"""What a grid run returns: counts, where the table is, and throughput measured honestly."""
+"""What a grid run returns: counts, where the table is, timings and throughput."""
 
 from __future__ import annotations
 

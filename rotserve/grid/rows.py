@@ -15,8 +15,6 @@ from rotserve.rundir import is_default_setting, to_table
 from rotserve.scoring import coherence, fluency, is_refusal
 
 if TYPE_CHECKING:
-    from rotserve.canary import CanaryReport
-    from rotserve.dtype import DtypeChoice
     from rotserve.engine import Completion
 
 
@@ -43,9 +41,6 @@ class RowContext:
 class GridEngine(Protocol):
     """What the grid needs of an engine: RotServeEngine is one."""
 
-    canary: CanaryReport | None
-    dtype_choice: DtypeChoice
-
     def generate(
         self,
         instructions: Sequence[str],
@@ -66,6 +61,8 @@ class GridEngine(Protocol):
         prompt_token_ids: Sequence[Sequence[int]],
         continuation_token_ids: Sequence[Sequence[int]],
     ) -> list[tuple[float, ...]]: ...
+
+    def info(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
@@ -89,12 +86,7 @@ class GridWorker(Worker):
         return to_table(generate_shard(self.engine, shard, self.rows))
 
     def info(self) -> dict[str, Any]:
-        choice = self.engine.dtype_choice
-        info: dict[str, Any] = {"dtype": choice.dtype, "dtype_reason": choice.reason}
-        canary = self.engine.canary  # RotServeEngine refused to start if it failed
-        if canary is not None:
-            info["canary"] = {"seconds": round(canary.seconds, 3), **canary.stack}
-        return info
+        return self.engine.info()
 
     def close(self) -> None:
         self.engine.close()

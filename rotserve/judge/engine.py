@@ -84,8 +84,7 @@ class JudgeWorker(Worker):
         return judge_shard(self.engine, shard, self.verdicts)
 
     def info(self) -> dict[str, Any]:
-        choice = self.engine.engine.dtype_choice
-        return {"dtype": choice.dtype, "dtype_reason": choice.reason}
+        return self.engine.engine.info()
 
     def close(self) -> None:
         self.engine.close()

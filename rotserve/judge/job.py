@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def run_judge(
             plan=plan,
             store=store,
             worker=JudgeWorker,
-            worker_spec=JudgeSpec(resolved),
+            worker_spec=partial(judge_worker_spec, resolved),
             options=config.execution,
             headline=f"judge {resolved.name}: {plan.n_rows} rows of run {resolved.run_id} "
             f"({plan.n_rows - resolved.n_rule} to the judge, {resolved.n_rule} by the rubric's "
@@ -165,25 +166,20 @@ def verdict_manifest(
     }
 
 
-class JudgeSpec:
+def judge_worker_spec(r: ResolvedJudge, where: Placement) -> JudgeWorkerSpec:
     """The spec of every judge actor at a placement: the stock judge engine, its context
     length, and the verdicts' constants."""
-
-    def __init__(self, resolved: ResolvedJudge) -> None:
-        self.resolved = resolved
-
-    def __call__(self, where: Placement) -> JudgeWorkerSpec:
-        r, c = self.resolved, self.resolved.config
-        log(f"judge engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
-        engine = engine_spec(
-            where,
-            r.judge,
-            dtype=c.dtype,
-            enforce_eager=c.enforce_eager,
-            revision=c.revision,
-            llm_kwargs={"max_model_len": r.context},
-        )
-        verdicts = VerdictContext(
-            run_id=r.run_id, judge=r.judge, rubric=r.rubric.name, labels=r.rubric.labels
-        )
-        return JudgeWorkerSpec(engine, verdicts)
+    c = r.config
+    log(f"judge engines: {choose_dtype(c.dtype, gpu=where.use_gpu).describe()}")
+    engine = engine_spec(
+        where,
+        r.judge,
+        dtype=c.dtype,
+        enforce_eager=c.enforce_eager,
+        revision=c.revision,
+        llm_kwargs={"max_model_len": r.context},
+    )
+    verdicts = VerdictContext(
+        run_id=r.run_id, judge=r.judge, rubric=r.rubric.name, labels=r.rubric.labels
+    )
+    return JudgeWorkerSpec(engine, verdicts)
