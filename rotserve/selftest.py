@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.canary import Check, describe_stack, llm_executor, run_canary
-from rotserve.parity import ENGINE_KWARGS, TOLERANCE, mixed_batch, oracle_parity, steering_power
+from rotserve.dtype import DTYPES
+from rotserve.parity import ENGINE_KWARGS, mixed_batch, oracle_parity, steering_power
 from rotserve.plane import random_plane
 
 DESCRIPTION = """\
@@ -88,7 +89,8 @@ def check_target(target: Target, device: str, enforce_eager: bool = False) -> Ta
     finally:
         engine.close()
     oracle = HFRotatedGenerator(target.model, target.plane, dtype="float32", device=device)
-    checks = (*canary.checks, oracle_parity(oracle, got, target.dtype), steering_power(got))
+    # the dtype the engine runs in ("auto" resolved), which sets parity's tolerance
+    checks = (*canary.checks, oracle_parity(oracle, got, stack["dtype"]), steering_power(got))
     return TargetReport(target, stack, checks, time.perf_counter() - t0)
 
 
@@ -144,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=sorted(TOLERANCE),
-        help="dtype of --model's engine; float32 is checked token for token, half precision "
-        "by teacher-forced log-probs",
+        default="auto",
+        choices=DTYPES,
+        help="dtype of --model's engine, as grid and serve take it (auto: the checkpoint's on "
+        "a GPU, bfloat16 on a CPU with native bf16, float32 on other CPUs); float32 is checked "
+        "token for token, half precision by teacher-forced log-probs",
     )
     p.add_argument("--tokens", type=int, default=8, help="tokens generated per row for --model")
     p.add_argument(
