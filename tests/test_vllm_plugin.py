@@ -198,7 +198,8 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
 
     Real: vLLM's DefaultModelState base class and config, NewRequestData, our RotationState.
     Mocked: the model (a bare module holding a RotationState) and the V2 InputBatch (only the
-    fields prepare_inputs reads). The V2 runner itself needs Triton and cannot run here.
+    fields prepare_inputs reads; is_padding is not one of them). tests/test_v2_contract.py
+    drives the V2 runner's own code with vLLM's real InputBatch.
     """
     from vllm import SamplingParams
     from vllm.v1.core.sched.output import NewRequestData
@@ -243,7 +244,6 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
         query_start_loc=torch.tensor([0, 2, 5, 6], dtype=torch.int32),
         num_tokens=6,
         num_tokens_after_padding=8,
-        is_padding=torch.tensor([False] * 6 + [True] * 2),
     )
     state.prepare_inputs(batch, req_states=None)
     expected = angle_table([210.0] * 2 + [90.0] * 3 + [None] * 3, adaptive=[True] * 2 + [False] * 6)
@@ -274,7 +274,6 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
         query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
         num_tokens=3,
         num_tokens_after_padding=4,
-        is_padding=torch.tensor([False] * 3 + [True]),
     )
     state.prepare_inputs(one, req_states=None)
     table = multi.rotation.token_table[:4]
