@@ -1,5 +1,6 @@
 """What `--dtype auto` means on this machine: bfloat16 where the CPU computes it natively,
-float32 where it does not (there bf16 matmuls run ~5x slower), vLLM's own choice on a GPU."""
+float32 where it does not (there bf16 matmuls run ~5x slower), vLLM's own choice on a GPU;
+and what `--device auto` means for the torch-side tools."""
 
 from __future__ import annotations
 
@@ -56,6 +57,18 @@ def choose_dtype(requested: str, *, gpu: bool, flags: frozenset[str] | None = No
         "this CPU has no native bf16 (no avx512_bf16, no AMX): bfloat16 would run several "
         "times slower than float32; pass --dtype bfloat16 to have it anyway",
     )
+
+
+def torch_device(requested: str) -> str:
+    """A torch device for "auto" (cuda if visible, else cpu) or the one asked for; ValueError
+    when CUDA is asked for and torch sees none."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested} but torch sees no CUDA device")
+    return requested
 
 
 def gpu_in_sight() -> bool:

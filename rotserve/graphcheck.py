@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rotserve.dtype import torch_device
 from rotserve.steering.catalog import PlaneCatalog
 from rotserve.steering.request import RequestSteering
 from rotserve.steering.table import RequestRows, RotationState
@@ -402,11 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("graphcheck: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    try:
+        device = torch_device(args.device)
+    except ValueError as e:
+        print(f"graphcheck: error: {e}", file=sys.stderr)
         return 2
     if args.requests < 2 or args.tokens < args.requests:
         print("graphcheck: error: need --requests >= 2 and --tokens >= --requests", file=sys.stderr)

@@ -23,7 +23,7 @@ from rotserve.canary import (
     llm_executor,
     run_canary,
 )
-from rotserve.dtype import DTYPES
+from rotserve.dtype import DTYPES, torch_device
 from rotserve.parity import ENGINE_KWARGS, mixed_batch, oracle_parity, steering_power
 from rotserve.plane import random_plane
 from rotserve.steering import UNSTEERED
@@ -297,13 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("selftest: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    try:
+        device = torch_device(args.device)
+    except ValueError as e:
+        print(f"selftest: error: {e}", file=sys.stderr)
         return 2
     if args.tokens < 3:
         print("selftest: error: --tokens must be >= 3 (decode needs 2 steps)", file=sys.stderr)
