@@ -52,13 +52,18 @@ LOGPROB_TOL = 1e-4
 
 def test_plugin_registers_every_rotated_architecture():
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from rotserve.steering import ROTATED_ARCHITECTURES
-    from rotserve.vllm_plugin import register
+    from rotserve.vllm_plugin import register, steering_config_hook
 
     register()
     register()  # idempotent: vLLM loads general plugins in every process, sometimes twice
     assert set(ROTATED_ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
+    # The config hook that binds the tracker (tests/test_several_planes_per_request.py) is
+    # keyed by the rotated names alone: a stock model never runs it.
+    hooked = {name for name, hook in MODELS_CONFIG_MAP.items() if hook is steering_config_hook()}
+    assert hooked == set(ROTATED_ARCHITECTURES.values())
 
 
 def _basis(hidden: int = 16, seed: int = 0) -> torch.Tensor:
