@@ -77,12 +77,13 @@ class RotServeModelState(DefaultModelState):
         try:
             steering = parse_request(params.extra_args if params is not None else None)
         except RequestSteeringError as e:
-            # The frontend validates with RotServeBatchTracker.validate_params; getting here
-            # means that processor was not registered. Fail loudly rather than run unsteered.
+            # The frontend validates with the catalog-bound tracker, which the plugin's config
+            # hook lists for every rotated model; getting here means that hook did not run.
+            # Fail loudly rather than run unsteered.
             raise RequestSteeringError(
-                f"request {new_req_data.req_id}: {e} (register "
-                f"rotserve.vllm_plugin:RotServeBatchTracker as a logits processor so bad "
-                f"requests are rejected at admission instead)"
+                f"request {new_req_data.req_id}: {e} (this request was not validated at "
+                f"admission: rotserve's vLLM plugin did not bind its tracker to this engine; "
+                f"is the `vllm.general_plugins` entry point of rotserve installed?)"
             ) from None
         self.rows.set(req_index, steering)
 
