@@ -37,6 +37,17 @@ def test_auto_is_bfloat16_on_a_cpu_with_native_bf16_emulated_flags(flag):
     assert choice.dtype == "bfloat16" and flag in choice.reason
 
 
+def test_auto_is_float32_where_onednn_is_capped_below_its_bf16_kernels():
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a native-bf16 CPU: bf16 matmuls run the slow way, so auto
+    means float32 (and this is how an AVX2-only machine is emulated here)."""
+    flags = frozenset({"avx2", "avx512_bf16"})
+    got = choose_dtype("auto", gpu=False, flags=flags, onednn_isa="AVX2")
+    assert got.dtype == "float32" and "ONEDNN_MAX_CPU_ISA=AVX2" in got.reason
+    assert choose_dtype("auto", gpu=False, flags=flags, onednn_isa="").dtype == "bfloat16"
+    assert choose_dtype("auto", gpu=False, flags=flags, onednn_isa="ALL").dtype == "bfloat16"
+    assert choose_dtype("bfloat16", gpu=False, flags=flags, onednn_isa="AVX2").dtype == "bfloat16"
+
+
 def test_auto_on_a_gpu_is_left_to_vllm():
     assert choose_dtype("auto", gpu=True, flags=AVX2_ONLY).dtype == "auto"
 
