@@ -22,7 +22,7 @@ from rotserve.grid.store import RunStore
 from rotserve.judge import JudgeConfig, JudgeConfigError, RubricError, load_rubric
 from rotserve.judge.config import resolve
 from rotserve.judge.plan import JudgeItem, make_judge_plan
-from rotserve.judge.prompts import ContextError, answer_budget, judge_input, short_by_rule
+from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
 from rotserve.judge.rubrics import BEHAVIOUR, LLAMAGUARD
 from rotserve.paths import toy_judge_dir
 from rotserve.prompts import Prompt
@@ -161,7 +161,7 @@ def test_a_long_generation_is_cut_to_its_first_tokens(tokenizer):
     context = 200
     inp = judge_input(BEHAVIOUR, tokenizer, "Tell me", generation, context)
     assert inp.truncated
-    assert len(inp.token_ids) <= context - answer_budget(BEHAVIOUR.labels)
+    assert len(inp.token_ids) <= context - BEHAVIOUR.max_tokens
     text = tokenizer.decode(list(inp.token_ids))
     kept = text.split("Reply: ")[1].split("\nAnswer with")[0]
     assert kept and generation.startswith(kept)  # the head of the reply survives
