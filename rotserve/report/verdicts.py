@@ -71,13 +71,10 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
             strict=True,
         )
     )
-    probs_of = dict(
-        zip(
-            verdicts.column("row_key").to_pylist(),
-            verdicts.column("probs").to_pylist(),
-            strict=True,
-        )
-    )
+    keys = verdicts.column("row_key").to_pylist()
+    # a hand-made table may carry labels only
+    probs = verdicts.column("probs").to_pylist() if "probs" in verdicts.column_names else None
+    probs_of = dict(zip(keys, probs or [None] * len(keys), strict=True))
     cells: dict[tuple[str, str, str, float | None], dict[str, int]] = defaultdict(
         lambda: defaultdict(int)
     )
