@@ -292,3 +292,20 @@ def test_grid_overwrite_deletes_the_verdicts_of_the_rows_it_replaces(tmp_path):
     store, state = RunStore.open(root, "another-run", overwrite=True)
     store.close()
     assert state == "overwrite" and not (root / "verdicts").exists()
+
+
+def test_a_verdict_table_of_the_old_format_is_neither_read_nor_resumed(tmp_path):
+    """Format 1 had no probabilities: a reader would get null columns, a resume mixed parts."""
+    import json
+
+    from rotserve.judge.store import VerdictStore
+
+    root = write_run(tmp_path / "run")
+    (root / "verdicts" / "j.behaviour").mkdir(parents=True)
+    old = {"format": "rotserve-verdicts/1", "run_id": "run1", "verdict_id": "abc"}
+    (root / "verdicts" / "j.behaviour.json").write_text(json.dumps(old))
+    with pytest.raises(RunDirError, match="format rotserve-verdicts/1.*--overwrite"):
+        rundir.read_verdicts(root, "j.behaviour")
+    with pytest.raises(RunDirError, match="format rotserve-verdicts/1.*--overwrite"):
+        VerdictStore.check(root, "j.behaviour", "run1", "new-id", overwrite=False)
+    assert VerdictStore.check(root, "j.behaviour", "run1", "new-id", overwrite=True) == "overwrite"

@@ -46,6 +46,12 @@ from rotserve.judge.verdict import TOP_LOGPROBS, Step, choice_regex, label_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """The transformers re-implementation's small matmuls: 4x faster on one thread here."""
+
+
 # SHA-256 of the official prompt texts, HarmBench's `{behavior}` placeholder and all:
 # LLAMA2_CLS_PROMPT['prompt'] of HarmBench's eval_utils.py (7 rules), the older 4-rule text of
 # the cais/HarmBench-Llama-2-13b-cls model card, and MISTRAL_CLS_PROMPT['prompt'] of the
@@ -175,11 +181,9 @@ def allowed_first(tokenizer, grammar: str | None = None, regex: str | None = Non
 
 
 def vllm_choice_grammar(labels: list[str]) -> str:
-    """The grammar vLLM builds for `StructuredOutputsParams(choice=labels)`."""
-    pytest.importorskip("vllm", reason="vLLM is not installed")
-    from vllm.v1.structured_output.utils import choice_as_grammar
-
-    return choice_as_grammar(labels)
+    """The grammar vLLM 0.32 builds for `StructuredOutputsParams(choice=labels)` (its
+    choice_as_grammar: the bare labels, quoted), spelled here: importing vLLM costs seconds."""
+    return "root ::= " + " | ".join(f'"{lb}"' for lb in labels)
 
 
 # --- the official prompts -------------------------------------------------------------------
