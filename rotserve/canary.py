@@ -141,7 +141,10 @@ def probe_steerings(
     if len(layers) > 1:
         # The later half: on the toy refusal model it differs from both the full window and
         # from no steering by ~0.3-1 nat typical gaps; the earlier half is close to full.
-        steerings.append(replace(twin, window=canonical_window(layers[len(layers) // 2 :])))
+        later = layers[len(layers) // 2 :]
+        contiguous = later == list(range(later[0], later[-1] + 1))
+        window = f"{later[0]}:{later[-1] + 1}" if contiguous else canonical_window(later)
+        steerings.append(replace(twin, window=window))
     elif len(settings.sites) > 1:
         steerings.append(replace(twin, sites=settings.sites[-1:]))
     return tuple(steerings)

@@ -361,8 +361,10 @@ def test_the_probes_cover_a_second_plane_and_a_narrowed_window_when_the_engine_h
     assert probe_steerings(two, 4) == (
         *PROBE_STEERINGS,
         RequestSteering(angle=90.0, plane="b"),
-        RequestSteering(angle=90.0, window="2,3"),  # the later half of the default window
+        RequestSteering(angle=90.0, window="2:4"),  # the later half of the default window
     )
+    gappy = EngineSteering.from_dict({"plane": "/a", "layers": [0, 2, 5, 7]})
+    assert probe_steerings(gappy, 8)[3].window == "5,7"
     # One default layer: the window narrows to one of its sites; one site too: nothing to narrow.
     one_layer = EngineSteering.from_dict({"plane": "/a", "layers": [1]})
     assert probe_steerings(one_layer, 4)[3:] == (
