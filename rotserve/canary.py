@@ -52,7 +52,7 @@ def tolerance(dtype: str) -> float:
     return 1e-3 if dtype in ("float32", "torch.float32") else 0.1
 
 
-def strict(tol: float) -> bool:
+def _strict(tol: float) -> bool:
     """float32's tolerance: the largest gap and identical greedy tokens, not a typical gap."""
     return tol < 0.01
 
@@ -299,7 +299,7 @@ def check_probes(
     threshold: a weak plane on a small model in bfloat16 moves log-probs by a tenth of a nat,
     still ten times its noise. A fault that raises the measured noise only raises the bar.
     """
-    tight = strict(tol)
+    tight = _strict(tol)
     rows = list(zip(probes, batch, alone, refeed[0::2], refeed[1::2], strict=True))
     unsteered = next(i for i, p in enumerate(probes) if not p.steering.active)
     checks = [
