@@ -40,7 +40,8 @@ model when given) it starts a real steered engine with the stack's defaults (run
 compilation, CUDA graphs: exactly what a grid or server would run) and checks:
 
 - the start-up canary (rotserve.canary): prefill steered, a mixed batch equal to requests
-  alone, decode steered (fails if decode steps ran without the per-token table);
+  alone, decode steered (fails if decode steps ran without the per-token table), and a
+  narrowed layer window (and a second plane, where the engine holds one) steering differently;
 - parity with the HF oracle (rotserve.hf: the same rotation applied by forward hooks, one
   angle per call): in float32 every (prompt, angle, plain/adaptive) of one mixed batch and
   each prompt unsteered generate the oracle's tokens exactly, log-probs within 1e-3; in half
@@ -92,7 +93,7 @@ class TargetReport:
             "ok": self.ok,
             "seconds": round(self.seconds, 2),
             "checks": [
-                {"name": c.name, "ok": c.ok, "detail": c.detail, "margin": _margin(c)}
+                {"name": c.name, "ok": c.ok, "detail": c.detail, "margin": c.margin}
                 for c in self.checks
             ],
             "canary_margins": self.canary_margins,
@@ -112,7 +113,7 @@ def repeated_canary(
     checks = []
     for i, first in enumerate(reports[0].checks):
         runs_of = [r.checks[i] for r in reports]
-        margins[first.name] = [_margin(c) for c in runs_of]
+        margins[first.name] = [c.margin for c in runs_of]
         if runs == 1:
             checks.append(first)
             continue
@@ -407,10 +408,6 @@ def _nvidia_driver() -> str:
         return got.stdout.split("\n")[0].strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (no nvidia-smi)"
-
-
-def _margin(check: Check) -> float | None:
-    return getattr(check, "margin", None)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_selftest_passes_on_real_weights_in_bfloat16(smollm2, plane, tmp_path):
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert got.returncode == 0, (got.stdout + got.stderr)[-4000:]
     out = got.stdout
-    assert "selftest: PASS: all 14 checks" in out
+    assert "selftest: PASS: all 16 checks" in out
     for check in (
         "prefill is steered: passed 2 of 2 runs",
         "decode is steered: passed 2 of 2 runs",

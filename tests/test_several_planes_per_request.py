@@ -387,3 +387,13 @@ def test_bad_requests_fail_alone_whatever_tracker_is_listed(engine):
         after.token_ids != unsteered.token_ids
         or max_abs_diff(after.logprobs, unsteered.logprobs) > 1e-3
     ), "the request after the refusals ran unsteered"
+
+
+def test_the_start_up_canary_proved_the_second_plane_and_a_narrowed_window(engine):
+    """The engine's canary (run at start) probed plane b and the later layer alone, from the
+    engine's own config, and each differed from plane a over every layer. (no engine call)"""
+    margins = engine.canary.margins()
+    assert {"a second plane steers differently", "a narrowed window steers differently"} <= set(
+        margins
+    )
+    assert all(m >= 0 for m in margins.values()), margins
