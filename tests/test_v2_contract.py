@@ -125,20 +125,36 @@ def test_row_sync_lands_every_change_on_the_device():
 
 class GpuStandIn(TorchFunctionMode):
     """Stands in for CUDA's pinned allocator: `Tensor.pin_memory()` returns a fresh copy,
-    remembered as pinned. Logs every torch call made while active."""
+    remembered as pinned. Logs every torch call made while active. `pin_memory` is replaced
+    on the class for the duration, not intercepted as a torch function: vLLM's CPU worker
+    module replaces it with a plain Python function when it is imported (an in-process
+    engine earlier in the session), which no torch function mode would see."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, tuple, dict]] = []
         self.pinned: list[torch.Tensor] = []
 
+    def __enter__(self):
+        self._pin_memory = torch.Tensor.pin_memory
+
+        def pin_memory(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            self.calls.append(("pin_memory", (tensor, *args), kwargs))
+            with torch._C.DisableTorchFunction():
+                staged = tensor.clone()
+            self.pinned.append(staged)
+            return staged
+
+        torch.Tensor.pin_memory = pin_memory
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.pin_memory = self._pin_memory
+        return super().__exit__(*exc)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.calls.append((getattr(func, "__name__", repr(func)), args, kwargs))
-        if func is torch.Tensor.pin_memory:
-            staged = args[0].clone()
-            self.pinned.append(staged)
-            return staged
         return func(*args, **kwargs)
 
 
