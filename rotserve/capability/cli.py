@@ -100,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_tasks,
         required=True,
         metavar="T1,T2",
-        help="lm-eval task, group or tag names, comma-separated (e.g. toy_reply_mc,toy_reply_gen "
-        "or tinyMMLU,tinyArc)",
+        help="lm-eval task, group or tag names, comma-separated, e.g. toy_reply_mc,toy_reply_gen "
+        "or tinyMMLU,tinyArc (required: no default)",
     )
     t.add_argument(
         "--include-path",
         action="append",
-        default=[],
+        default=None,
         metavar="DIR",
         help="a folder (or one file) of lm-eval task YAMLs, as lm-eval's --include_path; "
         "repeatable; its tasks override lm-eval's own of the same name (default: none beyond the "
@@ -152,9 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model",
         default=None,
-        help="HF model directory or hub id to evaluate without a run (e.g. data/toy-refusal)",
+        help="HF model directory or hub id to evaluate without a run, e.g. data/toy-refusal "
+        "(default: none, the run's model)",
     )
-    s.add_argument("--revision", default=None, help="hub revision of --model")
+    s.add_argument(
+        "--revision", default=None, help="hub revision of --model (default: the default branch)"
+    )
     s.add_argument(
         "--plane",
         action="append",
@@ -264,7 +267,7 @@ def config_from_args(args: argparse.Namespace) -> CapabilityConfig:
     return CapabilityConfig(
         tasks=args.tasks,
         run_dir=args.run_dir,
-        include_paths=tuple(args.include_path),
+        include_paths=tuple(args.include_path or ()),
         limit=args.limit,
         num_fewshot=args.num_fewshot,
         apply_chat_template=args.apply_chat_template,
