@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,13 @@ from rotserve.capability.table import (
     SCORE_SCHEMA,
     SCORES_FILE,
 )
-from rotserve.capability.tasks import instance_answers, lm_eval_version, score
+from rotserve.capability.tasks import (
+    EvalOptions,
+    LoadedTasks,
+    instance_answers,
+    lm_eval_version,
+    score,
+)
 from rotserve.fanout import Job, Placement, now, provenance, run_attempt
 from rotserve.fanout.job import log
 from rotserve.grid.job import grid_worker_spec
@@ -141,24 +148,41 @@ def items_table(r: ResolvedCapability) -> pa.Table:
 
 
 def score_table(r: ResolvedCapability, answers_dir: Path, progress: bool = False) -> pa.Table:
-    """lm-eval's metrics at every setting, from the answers on disk (one evaluate per setting)."""
+    """lm-eval's metrics at every setting, from the answers on disk, as the scores table."""
+    answers = (
+        row
+        for f in part_files_in(answers_dir)
+        for row in pq.read_table(f, schema=ANSWER_SCHEMA).to_pylist()
+    )
+    scores = score_answers(
+        r.loaded, r.recorded.items, r.tokenizer, r.options, r.settings, answers, progress
+    )
+    constants = {"capability_id": r.capability_id, "run_id": r.run_id, "model": r.model}
+    return pa.Table.from_pylist([{**constants, **s} for s in scores], schema=SCORE_SCHEMA)
+
+
+def score_answers(
+    loaded: LoadedTasks,
+    items: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    options: EvalOptions,
+    settings: Sequence[Condition],
+    answers: Iterable[dict[str, Any]],
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One lm-eval evaluate per setting over the engine's answers (rows of ANSWER_SCHEMA):
+    score rows with the setting's key columns."""
     from tqdm import tqdm
 
     by_setting: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for f in part_files_in(answers_dir):
-        for row in pq.read_table(f, schema=ANSWER_SCHEMA).to_pylist():
-            key = tuple(setting_key(_condition(row)))
-            by_setting[key][row["request_key"]] = row
+    for row in answers:
+        by_setting[tuple(setting_key(_condition(row)))][row["request_key"]] = row
     rows = []
-    for setting in tqdm(r.settings, desc="scoring", unit="setting", disable=not progress):
-        answers = by_setting[tuple(setting_key(setting))]
-        per_instance = instance_answers(r.recorded.items, answers)
-        for s in score(r.loaded, r.tokenizer, per_instance, r.options):
+    for setting in tqdm(settings, desc="scoring", unit="setting", disable=not progress):
+        per_instance = instance_answers(items, by_setting[tuple(setting_key(setting))])
+        for s in score(loaded, tokenizer, per_instance, options):
             rows.append(
                 {
-                    "capability_id": r.capability_id,
-                    "run_id": r.run_id,
-                    "model": r.model,
                     **s,
                     "angle": setting.angle,
                     "adaptive": setting.adaptive,
@@ -166,7 +190,7 @@ def score_table(r: ResolvedCapability, answers_dir: Path, progress: bool = False
                     "window": setting.window,
                 }
             )
-    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+    return rows
 
 
 def _condition(row: dict[str, Any]) -> Condition:
