@@ -630,18 +630,17 @@ def _capability_lines(ca: dict[str, Any]) -> list[str]:
         "serve`, one evaluation per setting by model name (MODEL@θ), its defaults (one request "
         "per HTTP call); **lm_eval_batched**: the same, 32 requests per call. **grid**: a grid "
         f"shard of {p} prompts at the same {n} settings ({ca['grid_rows']} rows, 32 tokens, "
-        "coherence on) on rotserve's engine, for scale. Engines started before timing "
-        f"(rotserve's in {ca['engine_start_s']} s, the server in {ca['server_start_s']} s); "
-        "prefix caching off on both.",
+        "coherence on) on rotserve's engine, for scale. Both engines (rotserve's and the "
+        f"server's, started together) were up after {ca['engines_up_s']} s, before any "
+        "timing; prefix caching off on both.",
         "",
-        "| contender | median s | min settings/s | max settings/s |",
-        "|---|---|---|---|",
+        "| contender | median s per pass | per round (s) |",
+        "|---|---|---|",
     ]
     for name in ("rotserve", "lm_eval", "lm_eval_batched", "grid"):
         r = ca[name]
-        out.append(
-            f"| {name} | {r['median_seconds']:.1f} | {r['min_rate']:.2f} | {r['max_rate']:.2f} |"
-        )
+        per_round = ", ".join(f"{r['work_per_run'] / x:.1f}" for x in r["rates"])
+        out.append(f"| {name} | {r['median_seconds']:.1f} | {per_round} |")
     out += [
         "",
         f"rotserve / lm_eval: {ca['ratio']:.1f}x (per round: "

@@ -286,6 +286,74 @@ def test_settings_of_a_model_need_no_run(tmp_path):
         resolve(config)
 
 
+# --- the pieces, without an engine ---------------------------------------------------------
+
+
+def test_shards_hold_every_request_at_every_setting_once():
+    from rotserve.capability.plan import LOGLIKELIHOOD, EngineRequest, make_capability_plan
+    from rotserve.grid.plan import conditions
+
+    requests = [EngineRequest.of(LOGLIKELIHOOD, [1, 2, i], n_continuation=1) for i in range(7)]
+    settings = conditions((0.0, 90.0), (False, True), True)
+    plan = make_capability_plan(requests, settings, shard_size=4)
+    units = [(r.key, s) for shard in plan.shards for r, s in shard.units()]
+    assert len(units) == len(set(units)) == plan.n_rows == 7 * 5
+    assert [len(shard.units()) for shard in plan.shards] == [4] * 8 + [3]
+    # request-major: a shard asks few requests, each at every setting it reaches
+    assert {s for _, s in plan.shards[0].units()} == set(settings[:4])
+    again = make_capability_plan(requests, settings, shard_size=4)
+    assert again.fingerprint == plan.fingerprint
+    assert make_capability_plan(requests[::-1], settings, 4).fingerprint != plan.fingerprint
+
+
+def write_task(folder: Path, name: str, body: str) -> None:
+    (folder / f"{name}.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ("one two three four five six", "seven"))
+    )
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / name}.jsonl\ntest_split: test\n{body}"
+    )
+
+
+def test_a_group_is_scored_once_and_a_rolling_loglikelihood_sums_its_windows(tmp_path):
+    """lm-eval's own scoring of replayed answers: a group's aggregate is one row (lm-eval lists
+    it twice), and a perplexity task's document is the sum of its windows' answers."""
+    from transformers import AutoTokenizer
+
+    from rotserve.capability.tasks import (
+        EvalOptions,
+        instance_answers,
+        load_tasks,
+        record_requests,
+        score,
+    )
+
+    write_task(
+        tmp_path,
+        "rolling",
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n",
+    )
+    (tmp_path / "both.yaml").write_text(
+        "group: both\ntask:\n  - toy_reply_mc\n  - rolling\naggregate_metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TOY)
+    loaded = load_tasks(["both"], [str(shipped_tasks_dir()), str(tmp_path)])
+    options = EvalOptions(max_length=5, limit=2)  # windows of 3 tokens: a document takes several
+    recorded = record_requests(loaded, tokenizer, options)
+    rolling = [it for it in recorded.items if it["task"] == "rolling"]
+    assert len(rolling) == 2 and len(rolling[0]["request_keys"]) > 1
+    answers = {r.key: {"logprob": -1.0, "is_greedy": True} for r in recorded.requests}
+    per_instance = instance_answers(recorded.items, answers)
+    assert per_instance[rolling[0]["instance_key"]] == -len(rolling[0]["request_keys"])
+    rows = score(loaded, tokenizer, per_instance, options)
+    keys = [(r["task"], r["metric"], r["filter"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert [r["is_group"] for r in rows if r["task"] == "both"] == [True]
+
+
 # --- a killed run resumes to one complete table --------------------------------------------
 
 

@@ -80,9 +80,9 @@ def run(ctx: Context) -> None:
             enforce_eager=s.enforce_eager,
             seed=0,
         )
-        engine_start_s = time.perf_counter() - t0
         url = server.url()
-        ctx.log(f"  engine started in {engine_start_s:.1f} s, server in {server.start_s:.1f} s")
+        engines_up_s = time.perf_counter() - t0
+        ctx.log(f"  engine and server up after {engines_up_s:.1f} s")
         tokenizer = AutoTokenizer.from_pretrained(model)
         actx = AnswerContext(capability_id="bench")
         scores: dict[str, dict[Any, float]] = {}
@@ -169,8 +169,7 @@ def run(ctx: Context) -> None:
         "settings": len(settings),
         "requests": ctx.details.pop("capability_requests", None),
         "rounds": s.capability_rounds,
-        "engine_start_s": round(engine_start_s, 1),
-        "server_start_s": round(server.start_s, 1),
+        "engines_up_s": round(engines_up_s, 1),
         "grid_prompts": s.capability_grid_prompts,
         "grid_rows": grid_rows,
         **{name: rounds.summary(name) for name in contenders},
@@ -249,8 +248,6 @@ class _Server:
         passthrough += ["--seed", "0"] + (["--enforce-eager"] if s.enforce_eager else [])
         command = serve_command(args, passthrough)
         self.log = open(os.devnull, "w")  # noqa: SIM115 (closed in stop)
-        self.t0 = time.perf_counter()
-        self.start_s = 0.0
         self.proc = subprocess.Popen(
             command.argv,
             stdout=self.log,
@@ -277,7 +274,6 @@ class _Server:
                 raise TimeoutError(f"rotserve serve did not start in {SERVER_TIMEOUT_S} s")
             if not self.ready:
                 time.sleep(1.0)
-        self.start_s = self.start_s or time.perf_counter() - self.t0
         return f"{base}/v1/completions"
 
     def stop(self) -> None:

@@ -45,7 +45,7 @@ from rotserve.grid.config import (
 from rotserve.grid.config import resolve as resolve_grid
 from rotserve.grid.plan import Condition, conditions
 from rotserve.paths import shipped_tasks_dir
-from rotserve.rundir import MANIFEST, RunDirError, read_manifest
+from rotserve.rundir import DEFAULT_PLANE, MANIFEST, RunDirError, read_manifest
 from rotserve.steering import RequestSteeringError, canonical_window
 
 DEFAULT_SHARD_SIZE = 512  # (request, setting) units per generate call and per answer part
@@ -300,6 +300,8 @@ def _from_run(c: CapabilityConfig) -> tuple[ResolvedGrid, str, Path]:
         )
     run_cfg, res = m.get("config") or {}, m["resolved"]
     planes = [(p["name"], p["path"]) for p in m.get("planes") or []]
+    if not planes and (m.get("plane") or {}).get("path"):  # runs from before plane sweeps
+        planes = [(DEFAULT_PLANE, m["plane"]["path"])]
     sweep = bool(run_cfg.get("planes"))
     eager = run_cfg.get("enforce_eager", False) if c.enforce_eager is None else c.enforce_eager
     cfg = _grid_config(
@@ -333,13 +335,13 @@ def _settings(c: CapabilityConfig, grid: ResolvedGrid) -> tuple[Condition, ...]:
     masks = grid.config.adaptive_masks
     planes, windows, angles = grid.plane_names, grid.windows, grid.angles
     if c.run_dir is not None:
-        run_id = "the run"
+        who = "the run"
         if c.angles is not None:
             asked = _angles(c.angles)
             missing = [a for a in asked if a not in angles]
             if missing:
                 raise CapabilityConfigError(
-                    f"{run_id} has no angle {', '.join(f'{a:g}°' for a in missing)} (its "
+                    f"{who} has no angle {', '.join(f'{a:g}°' for a in missing)} (its "
                     f"angles: {', '.join(f'{a:g}' for a in angles)}); ask for a subset of them, "
                     "or use --model for settings of your own"
                 )
@@ -350,14 +352,14 @@ def _settings(c: CapabilityConfig, grid: ResolvedGrid) -> tuple[Condition, ...]:
             if missing_masks:
                 have = ", ".join("adaptive" if m else "plain" for m in masks)
                 raise CapabilityConfigError(
-                    f"{run_id} has no {c.mask} mask (its masks: {have}); ask for one it has"
+                    f"{who} has no {c.mask} mask (its masks: {have}); ask for one it has"
                 )
             masks = asked_masks
         if c.plane_names:
             unknown = [p for p in c.plane_names if p not in planes]
             if unknown:
                 raise CapabilityConfigError(
-                    f"{run_id} has no plane {', '.join(map(repr, unknown))} (its planes: "
+                    f"{who} has no plane {', '.join(map(repr, unknown))} (its planes: "
                     f"{', '.join(planes)}); --plane with RUN_DIR names one of the run's planes"
                 )
             planes = tuple(p for p in planes if p in c.plane_names)
@@ -366,7 +368,7 @@ def _settings(c: CapabilityConfig, grid: ResolvedGrid) -> tuple[Condition, ...]:
             unknown = [w for w in asked_windows if w not in windows]
             if unknown:
                 raise CapabilityConfigError(
-                    f"{run_id} has no layer window {', '.join(unknown)} (its windows: "
+                    f"{who} has no layer window {', '.join(unknown)} (its windows: "
                     f"{', '.join(windows)})"
                 )
             windows = tuple(w for w in windows if w in asked_windows)

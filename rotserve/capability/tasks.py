@@ -462,22 +462,19 @@ def score(
 
 
 def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """lm-eval's results dict as rows: one per (task or group, metric, filter)."""
+    """lm-eval's results dict as rows: one per (task or group, metric, filter). A group's
+    aggregate is listed under "groups" (and, in lm-eval 0.4, under "results" too): once."""
     rows = []
     better = results.get("higher_is_better", {})
     samples = results.get("n-samples", {})
-    for is_group, section in (
-        (False, results.get("results", {})),
-        (True, results.get("groups", {})),
-    ):
+    groups = results.get("groups", {})
+    tasks = {k: v for k, v in results.get("results", {}).items() if k not in groups}
+    for is_group, section in ((False, tasks), (True, groups)):
         for task, metrics in section.items():
-            if is_group and task in results.get("results", {}) and not metrics:
-                continue
             for key, value in metrics.items():
                 if key == "alias" or "," not in key or "_stderr," in key:
                     continue
                 metric, filt = key.split(",", 1)
-                stderr = metrics.get(f"{metric}_stderr,{filt}")
                 n = (samples.get(task) or {}).get("effective")
                 rows.append(
                     {
@@ -486,7 +483,7 @@ def score_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "metric": metric,
                         "filter": filt,
                         "value": _number(value),
-                        "stderr": _number(stderr),
+                        "stderr": _number(metrics.get(f"{metric}_stderr,{filt}")),
                         "higher_is_better": (better.get(task) or {}).get(metric),
                         "n_samples": int(n) if n is not None else None,
                     }
