@@ -57,7 +57,7 @@ ANGLES = (0.0, 180.0)  # toward refusal, away from it (the toy's plane)
 SETTINGS = [None, *ANGLES]  # None: the baseline
 N_REQUESTS = 2 * LIMIT + LIMIT  # two choices per MC document, one generation per document
 N_ANSWERS = N_REQUESTS * len(SETTINGS)
-SHARD = N_REQUESTS  # one shard per setting's worth of answers: 3 shards
+SHARD = N_REQUESTS  # answers per shard: 3 shards, each 12 requests at every setting
 STARTUP_TIMEOUT_S = 600  # engine starts take minutes on a busy 2-core box
 
 
