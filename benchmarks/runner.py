@@ -196,7 +196,7 @@ def run_bench(
     finally:
         for e in engines.values():
             e.close()
-    if "capability" in sections:  # its own engine and server; after the others are closed
+    if "capability" in sections and settings.capability_angles:  # its own engine and server
         capability.run(ctx)
     ctx.load["end"] = loadavg()
 
