@@ -224,11 +224,12 @@ def render_markdown(doc: dict[str, Any], interpretation: str | None = None) -> s
         f"{' (--quick)' if s.get('quick') else ''}; load average (1/5/15 min) at start "
         f"{doc.get('load', {}).get('start')}, at end {doc.get('load', {}).get('end')}",
         "",
-        "| metric | compares | value | target | met |",
-        "|---|---|---|---|---|",
+        "| metric | compares | value | target | met | CPU bf16 |",
+        "|---|---|---|---|---|---|",
     ]
+    # The bf16 cell travels with its row: a partial rerun on another CPU replaces both.
     for row in headline_rows(doc):
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join((*row, _bf16_cell(m))) + " |")
     lines += ["", "## Models and settings", ""]
     for key, model in doc.get("models", {}).items():
         lines.append(
@@ -725,6 +726,14 @@ def write_markdown(doc: dict[str, Any], path: Path) -> Path:
         text = merge_partial(path.read_text(encoding="utf-8"), text, sections)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _bf16_cell(machine: dict[str, Any]) -> str:
+    """The summary table's CPU bf16 column: every ratio says what kind of CPU made it."""
+    native = machine.get("native_bf16")
+    if native is None:
+        return "not recorded"
+    return "native" if native else "none (bf16 ~5x slower)"
 
 
 def _bf16_note(machine: dict[str, Any]) -> str:

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
     "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
     "selftest": ("rotserve.selftest", "prove steering is live and right on this stack (run first)"),
+    "graphcheck": (
+        "rotserve.graphcheck",
+        "torch only, no vLLM: the rotation table under torch.compile and CUDA graphs",
+    ),
     "convert-gguf": ("rotserve.convert", "dequantise a GGUF model file into an HF model directory"),
 }
 

@@ -15,6 +15,7 @@ from rotserve.grid import GridConfigError, run_grid
 from rotserve.grid.cli import build_parser as grid_parser
 from rotserve.grid.cli import config_from_args
 from rotserve.judge import JudgeConfig, JudgeConfigError, run_judge
+from rotserve.judge.rubrics import BUILTIN
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--rubric",
         default="behaviour",
-        help="the judge's rubric with --judge: behaviour, harmbench, llamaguard or a rubric file",
+        help=f"the judge's rubric with --judge: {', '.join(BUILTIN)}, or a rubric file",
     )
     a.add_argument(
         "--no-report", dest="report", action="store_false", help="skip the summary and plot"

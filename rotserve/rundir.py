@@ -163,7 +163,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], tmp_dir: Path) -
 # added, rerun or deleted without touching the rows, and the grid never waits for a judge.
 
 VERDICTS_DIR = "verdicts"
-VERDICT_FORMAT = "rotserve-verdicts/1"
+VERDICT_FORMAT = "rotserve-verdicts/2"  # 2: parsed, score, probs
 VERDICT_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -177,6 +177,12 @@ VERDICT_SCHEMA = pa.schema(
         # the judge's prompt, in its tokens (0 when the rule decided); named apart from the
         # rows' prompt_tokens so a join keeps both
         pa.field("judge_prompt_tokens", pa.int32(), nullable=False),
+        # the rest null when the rubric's rule decided: was the text an answer the rubric's
+        # reading knows (false: its fallback label); P(the rubric's score label); P(each label)
+        # from the judge's log-probs at the decision position (rotserve.judge.verdict)
+        pa.field("parsed", pa.bool_(), nullable=True),
+        pa.field("score", pa.float64(), nullable=True),
+        pa.field("probs", pa.map_(pa.string(), pa.float64()), nullable=True),
     ],
     metadata={"rotserve.schema": VERDICT_FORMAT},
 )
@@ -247,12 +253,23 @@ def read_verdicts(run_dir: str | Path, name: str, rows: pa.Table | None = None) 
             f"verdict table {name} was made for run {vm.get('run_id')}, but {run_dir} is run "
             f"{run_id}: verdicts cannot be attached to another run; judge this run instead"
         )
+    if vm.get("format") != VERDICT_FORMAT:
+        raise RunDirError(old_verdict_format(name, vm))
     files = part_files_in(verdicts_dir(run_dir, name))
     if not files:
         return VERDICT_SCHEMA.empty_table()
     table = pa.concat_tables(pq.read_table(f, schema=VERDICT_SCHEMA) for f in files)
     check_verdicts(table, rows if rows is not None else read_rows(run_dir), str(run_id), name)
     return table
+
+
+def old_verdict_format(name: str, manifest: dict[str, Any]) -> str:
+    """The message for a verdict table written in another format than this rotserve's."""
+    return (
+        f"verdict table {name} is format {manifest.get('format')}, this rotserve reads and "
+        f"writes {VERDICT_FORMAT} (label probabilities, parsed): judge the run again with "
+        "--overwrite (or another --name) to rewrite it"
+    )
 
 
 def check_verdicts(verdicts: pa.Table, rows: pa.Table, run_id: str, name: str = "") -> None:

@@ -49,6 +49,14 @@ def is_refusal(text: str) -> tuple[bool, str | None]:
     return marker is not None, marker
 
 
+def word_count(text: str) -> int:
+    """Words as the method's reference evaluation counts them for its short-response rule:
+    `len(text.split(" "))`, pieces between single spaces. Not `split()`: a newline does not
+    separate words and runs of spaces add empty pieces, so "a\nb" is 1 word, "a  b" 3 and
+    "" 1, exactly as the reference counts them."""
+    return len(text.split(" "))
+
+
 def coherence(logprobs: Sequence[float]) -> tuple[float | None, float | None]:
     """(mean negative log-likelihood per generated token, perplexity) of a generation, from the
     log-probs the UNSTEERED model gives its tokens (natural log: perplexity = exp(nll)).

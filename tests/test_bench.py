@@ -38,8 +38,8 @@ def test_partial_run_replaces_only_its_sections() -> None:
         [
             "# Benchmarks",
             "- **Run**: full run",
-            "| metric | compares | value | target | met |",
-            "|---|---|---|---|---|",
+            "| metric | compares | value | target | met | CPU bf16 |",
+            "|---|---|---|---|---|---|",
             "| `steer_overhead_ratio` | old steer | 0.99 | >= 0.95 | yes |",
             "| `grid_speedup` | old grid | 5.3 | >= 10 | **no** |",
             "",
@@ -57,8 +57,8 @@ def test_partial_run_replaces_only_its_sections() -> None:
         [
             "# Benchmarks",
             "- **Run**: grid-only run",
-            "| metric | compares | value | target | met |",
-            "|---|---|---|---|---|",
+            "| metric | compares | value | target | met | CPU bf16 |",
+            "|---|---|---|---|---|---|",
             "| `steer_overhead_ratio` | n/a | n/a | >= 0.95 | - |",
             "| `grid_speedup` | new grid | 3.1 | >= 10 | **no** |",
             "| `grid_vs_vllm_hooks` | new hooks | 2.0 | - | - |",
@@ -154,4 +154,8 @@ def test_bench_tiny_run_writes_well_formed_results(tmp_path) -> None:
     assert "keep this analysis" in text and "| `grid_speedup` |" in text
     assert "| `grid_vs_vllm_hooks` |" in text and "stock vLLM + hooks" in text
     assert "Roofline:" in text
+    # Every ratio says what kind of CPU made it (bf16 runs ~5x slower without native support).
+    bf16 = "native" if saved["machine"]["native_bf16"] else "none (bf16 ~5x slower)"
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
+    assert rows and all(ln.endswith(f"| {bf16} |") for ln in rows)
     assert (tmp_path / "out" / "bench.md").is_file()

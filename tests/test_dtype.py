@@ -37,6 +37,17 @@ def test_auto_is_bfloat16_on_a_cpu_with_native_bf16_emulated_flags(flag):
     assert choice.dtype == "bfloat16" and flag in choice.reason
 
 
+def test_auto_is_float32_where_onednn_is_capped_below_its_bf16_kernels():
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a native-bf16 CPU: bf16 matmuls run the slow way, so auto
+    means float32 (and this is how an AVX2-only machine is emulated here)."""
+    flags = frozenset({"avx2", "avx512_bf16"})
+    got = choose_dtype("auto", gpu=False, flags=flags, onednn_isa="AVX2")
+    assert got.dtype == "float32" and "ONEDNN_MAX_CPU_ISA=AVX2" in got.reason
+    assert choose_dtype("auto", gpu=False, flags=flags, onednn_isa="").dtype == "bfloat16"
+    assert choose_dtype("auto", gpu=False, flags=flags, onednn_isa="ALL").dtype == "bfloat16"
+    assert choose_dtype("bfloat16", gpu=False, flags=flags, onednn_isa="AVX2").dtype == "bfloat16"
+
+
 def test_auto_on_a_gpu_is_left_to_vllm():
     assert choose_dtype("auto", gpu=True, flags=AVX2_ONLY).dtype == "auto"
 
@@ -68,3 +79,32 @@ def test_serve_passes_the_resolved_dtype_to_vllm_emulated_avx2_cpu(monkeypatch, 
     assert main([*args, "--dtype", "bfloat16"]) == 0  # asked for: it wins
     argv = json.loads(capsys.readouterr().out)["argv"]
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
+
+
+def test_extract_resolves_auto_and_records_the_dtype_that_ran_emulated_avx2_cpu(
+    tiny_qwen2, tmp_path, monkeypatch, capsys
+):
+    from rotserve import dtype
+    from rotserve.extract import ExtractConfig, extract_plane
+    from rotserve.plane import load_plane
+
+    monkeypatch.setattr(dtype, "cpu_flags", lambda: AVX2_ONLY)
+    out = tmp_path / "plane.safetensors"
+    cfg = ExtractConfig(model=str(tiny_qwen2), limit=4, out=str(out), dtype="auto", progress=False)
+    extract_plane(cfg)
+    assert load_plane(out).meta.method["dtype"] == "float32"
+    assert cfg.dtype == "auto"  # the caller's config is left as given
+    assert "extract: dtype auto -> float32 (this CPU has no native bf16" in capsys.readouterr().err
+
+
+def test_extract_refuses_an_unknown_dtype_by_flag():
+    from rotserve.extract import ExtractConfig, ExtractionError
+
+    with pytest.raises(ExtractionError, match="--dtype must be one of auto, float32"):
+        ExtractConfig(dtype="float64").validate()
+
+
+def test_selftest_takes_auto_as_grid_and_serve_do():
+    from rotserve.selftest import build_parser
+
+    assert build_parser().parse_args([]).dtype == "auto"

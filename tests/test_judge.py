@@ -22,7 +22,7 @@ from rotserve.grid.store import RunStore
 from rotserve.judge import JudgeConfig, JudgeConfigError, RubricError, load_rubric
 from rotserve.judge.config import resolve
 from rotserve.judge.plan import JudgeItem, make_judge_plan
-from rotserve.judge.prompts import ContextError, answer_budget, judge_input, short_by_rule
+from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
 from rotserve.judge.rubrics import BEHAVIOUR, LLAMAGUARD
 from rotserve.paths import toy_judge_dir
 from rotserve.prompts import Prompt
@@ -161,7 +161,7 @@ def test_a_long_generation_is_cut_to_its_first_tokens(tokenizer):
     context = 200
     inp = judge_input(BEHAVIOUR, tokenizer, "Tell me", generation, context)
     assert inp.truncated
-    assert len(inp.token_ids) <= context - answer_budget(BEHAVIOUR.labels)
+    assert len(inp.token_ids) <= context - BEHAVIOUR.max_tokens
     text = tokenizer.decode(list(inp.token_ids))
     kept = text.split("Reply: ")[1].split("\nAnswer with")[0]
     assert kept and generation.startswith(kept)  # the head of the reply survives
@@ -292,3 +292,20 @@ def test_grid_overwrite_deletes_the_verdicts_of_the_rows_it_replaces(tmp_path):
     store, state = RunStore.open(root, "another-run", overwrite=True)
     store.close()
     assert state == "overwrite" and not (root / "verdicts").exists()
+
+
+def test_a_verdict_table_of_the_old_format_is_neither_read_nor_resumed(tmp_path):
+    """Format 1 had no probabilities: a reader would get null columns, a resume mixed parts."""
+    import json
+
+    from rotserve.judge.store import VerdictStore
+
+    root = write_run(tmp_path / "run")
+    (root / "verdicts" / "j.behaviour").mkdir(parents=True)
+    old = {"format": "rotserve-verdicts/1", "run_id": "run1", "verdict_id": "abc"}
+    (root / "verdicts" / "j.behaviour.json").write_text(json.dumps(old))
+    with pytest.raises(RunDirError, match="format rotserve-verdicts/1.*--overwrite"):
+        rundir.read_verdicts(root, "j.behaviour")
+    with pytest.raises(RunDirError, match="format rotserve-verdicts/1.*--overwrite"):
+        VerdictStore.check(root, "j.behaviour", "run1", "new-id", overwrite=False)
+    assert VerdictStore.check(root, "j.behaviour", "run1", "new-id", overwrite=True) == "overwrite"

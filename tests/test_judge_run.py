@@ -2,7 +2,8 @@
 judge on the grid's fan-out, verdicts in their own Parquet table.
 
 - the toy judge's refusals agree with the substring markers on >= 95% of the toy's rows (the
-  toy's refusals are canonical), and only rubric labels ever appear (guided choice);
+  toy's refusals are canonical), and only rubric labels ever appear (constrained decoding);
+  every verdict carries the judge's probability of each label, the taken label most likely;
 - the table joins to the rows on row_key in one line of pandas, polars and DuckDB;
 - rerunning the command of a finished table resumes it without starting an engine (engine
   deaths and kill/resume are the fan-out's, tested once in test_fanout.py);
@@ -97,7 +98,13 @@ def test_toy_judge_agrees_with_the_markers_and_gives_only_labels(toy_run, clean)
     assert clean.name == "toy-judge.behaviour" and clean.judged == N_ROWS
     labels = verdicts.column("label").to_pylist()
     assert set(labels) <= set(BEHAVIOUR.labels)
-    assert verdicts.column("raw").to_pylist() == labels  # guided choice: text is a label
+    assert [r.strip() for r in verdicts.column("raw").to_pylist()] == labels  # constrained
+    for label, probs in zip(labels, verdicts.column("probs").to_pylist(), strict=True):
+        probs = dict(probs)
+        assert set(probs) == set(BEHAVIOUR.labels) and sum(probs.values()) <= 1 + 1e-6
+        assert probs[label] == max(probs.values()) and probs[label] > 0.5, (label, probs)
+    assert set(verdicts.column("parsed").to_pylist()) == {True}
+    assert set(verdicts.column("score").to_pylist()) == {None}  # behaviour has no score label
     judged = dict(zip(verdicts.column("row_key").to_pylist(), labels, strict=True))
     keyword = rows.column("refusal").to_pylist()
     agree = [judged[k] == "refusal" for k in row_keys(rows)]
@@ -106,8 +113,17 @@ def test_toy_judge_agrees_with_the_markers_and_gives_only_labels(toy_run, clean)
     assert 0 < sum(keyword) < len(keyword)  # both kinds present: the check means something
     m = json.loads(clean.manifest_path.read_text())
     assert m["status"] == "complete" and m["run_id"] == clean.run_id
-    assert m["counts"] == {"rows": N_ROWS, "judged": N_ROWS, "by_rule": 0, "truncated": 0}
+    assert m["counts"] == {
+        "rows": N_ROWS,
+        "judged": N_ROWS,
+        "by_rule": 0,
+        "truncated": 0,
+        "clipped": 0,
+        "unparsed": 0,
+    }
     assert "generation is cut" in m["rules"]["truncation"] and m["rules"]["short_response"] is None
+    assert "constrained" in m["rules"]["reading"] and m["rules"]["clip"] is None
+    assert m["judge"]["content"] == "string" and m["format"] == "rotserve-verdicts/2"
 
 
 def test_one_line_joins(toy_run, clean):
@@ -187,6 +203,14 @@ def test_report_shows_each_label_per_angle(toy_run, clean):
     assert "## refusal" in v.examples_path.read_text()
     assert "verdicts toy-judge.behaviour" in rep.short_text()
     assert "| angle | harmful direct |" in rep.verdicts_markdown.read_text()
+    # beside each share, the mean probability the judge gave the label
+    refusal_p = next(
+        s.mean_prob
+        for s in v.shares
+        if (s.dataset, s.angle, s.label) == ("harmful", None, "refusal")
+    )
+    assert refusal_p is not None and abs(refusal_p - refusal_0) < 0.2
+    assert " / " in rep.verdicts_markdown.read_text().split("| angle |")[1]
 
 
 def test_toy_judge_is_shipped():

@@ -13,6 +13,7 @@ minute more: the conversion on the first run, one eager engine start and a few H
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,20 +104,31 @@ def test_vllm_matches_the_hf_oracle_on_real_weights(smollm2, plane):
     print(f"\n{power.detail}; {parity.detail}")
 
 
-def test_selftest_passes_on_real_weights_in_bfloat16(smollm2, plane):
-    """`rotserve selftest --model` on SmolLM2 in bfloat16: the canary's three checks and parity
-    with the float32 oracle, teacher-forced (measured max |dlogprob| 0.094 on CPU; tolerance
-    0.5). Eager, to keep it to two engine starts of ~20 s each (the tiny model, then SmolLM2)."""
+def test_selftest_passes_on_real_weights_in_bfloat16(smollm2, plane, tmp_path):
+    """`rotserve selftest --model` on SmolLM2 in bfloat16, as a GPU user's first command runs it
+    (canary repeated, its margins, the negative controls, a JSON report): the canary's three
+    checks every time, both negative controls caught, and parity with the float32 oracle,
+    teacher-forced (measured max |dlogprob| 0.094 on CPU; tolerance 0.5). Eager, to keep it
+    to two engine starts of ~20 s each (the tiny model, then SmolLM2)."""
+    report = tmp_path / "selftest.json"
     cmd = [sys.executable, "-m", "rotserve.cli", "selftest", "--model", str(smollm2)]
     cmd += ["--plane", str(plane), "--dtype", "bfloat16", "--enforce-eager"]
+    cmd += ["--canary-runs", "2", "--json", str(report)]
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert got.returncode == 0, (got.stdout + got.stderr)[-4000:]
     out = got.stdout
-    assert "selftest: PASS: all 10 checks" in out
+    assert "selftest: PASS: all 16 checks" in out
     for check in (
-        "prefill is steered",
-        "decode is steered",
+        "prefill is steered: passed 2 of 2 runs",
+        "decode is steered: passed 2 of 2 runs",
+        "negative control: the canary catches steering stripped from every request",
+        "negative control: the canary catches steering handed to the wrong request",
         "parity with the HF oracle (bfloat16)",
     ):
         assert f"ok    {check}" in out, check
     assert "runner V1" in out and "CUDA graphs" in out
+    doc = json.loads(report.read_text())
+    assert doc["ok"] and doc["canary_runs"] == 2 and doc["environment"]["gpu"] == "none"
+    smol = doc["targets"][1]
+    assert smol["stack"]["dtype"] == "bfloat16" and smol["ok"]
+    assert all(len(runs) == 2 for runs in smol["canary_margins"].values())

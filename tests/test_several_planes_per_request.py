@@ -17,6 +17,7 @@ from rotserve.parity import ENGINE_KWARGS
 from rotserve.plane import orthonormal_plane, random_plane
 from rotserve.rotation import angle_table, rotate, rotate_planes
 from rotserve.steering import (
+    TRACKER_FQCN,
     EngineSteering,
     PlaneCatalog,
     RequestSteeringError,
@@ -194,6 +195,70 @@ def test_hf_oracle_mixes_planes_and_windows_like_each_alone(tiny_qwen2, tiny_pla
         mixed.generate([prompt], [90.0], plane=["zz"], max_new_tokens=2)
 
 
+def test_the_plugin_binds_whatever_tracker_is_listed_to_the_engines_catalog(
+    tiny_qwen2, tiny_plane, second_plane
+):
+    """vLLM builds the engine's config (no engine starts): the plain tracker by name or as the
+    class, the tracker's module path, or no tracker at all become the one tracker bound to this
+    engine's planes and steerable layers, where the user listed it. vLLM's own frontend
+    validators (V1 and V2) then refuse an unknown plane, a layer outside the steerable set and
+    a malformed value. Two engines in one process keep their own catalogs; a stock model's list
+    is left alone. (<1 s once vLLM is imported)"""
+    require_vllm()
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+    from vllm.v1.worker.gpu.sample.logits_processor import (
+        build_custom_logits_processors_params_validator,
+    )
+
+    from rotserve.steering import prepare_steering
+    from rotserve.vllm_plugin import RotServeBatchTracker
+
+    planes = {"a": str(tiny_plane), "b": str(second_plane)}
+    narrow = {"layers": [1], "steerable": {"layers": [1], "sites": None}}
+
+    def listed(logits_processors, rotserve=None, arch="RotServeQwen2ForCausalLM"):
+        overrides = {"architectures": [arch], "rotserve": rotserve or {"planes": planes, **narrow}}
+        args = EngineArgs(
+            str(tiny_qwen2),
+            dtype="float32",
+            hf_overrides=overrides if arch.startswith("RotServe") else {},
+            logits_processors=logits_processors,
+        )
+        return args.create_model_config().logits_processors
+
+    bound = prepare_steering(tiny_qwen2, None, planes=planes, layers=[1], steerable_layers=[1])
+    fqcn = bound.catalog.tracker_fqcn()
+    assert bound.logits_processors() == [fqcn]  # RotServeEngine's list is kept as it is
+    assert listed([TRACKER_FQCN]) == [fqcn]
+    assert listed(None) == [fqcn]
+    assert listed(["x.y:Z", RotServeBatchTracker]) == ["x.y:Z", fqcn]
+    assert listed(["rotserve.vllm_plugin.tracker:RotServeBatchTracker", "x.y:Z"]) == [fqcn, "x.y:Z"]
+    assert listed([TRACKER_FQCN], arch="Qwen2ForCausalLM") == [TRACKER_FQCN]
+
+    def v1(lps):
+        return lambda params: validate_logits_processors_parameters(lps, params)
+
+    # The frontend's validator on the V1 runner, then on Model Runner V2.
+    for validate in (v1([fqcn]), build_custom_logits_processors_params_validator([fqcn])):
+        validate(SamplingParams(extra_args={"rotserve_angle": 90, "rotserve_plane": "b"}))
+        for extra_args, needle in (
+            ({"rotserve_angle": 90.0, "rotserve_plane": "nope"}, "unknown plane 'nope'"),
+            ({"rotserve_angle": 90.0, "rotserve_layers": "0"}, "layer 0 site input_layernorm"),
+            ({"rotserve_angle": "ninety"}, "must be a number"),
+        ):
+            with pytest.raises(VLLMValidationError, match=re.escape(needle)):
+                validate(SamplingParams(extra_args=extra_args))
+    # A second engine in the process, one plane only: its own catalog, not the first one's.
+    single = listed([TRACKER_FQCN], rotserve={"plane": str(tiny_plane)})
+    assert single != [fqcn]
+    with pytest.raises(VLLMValidationError, match="unknown plane 'b'"):
+        v1(single)(SamplingParams(extra_args={"rotserve_angle": 90, "rotserve_plane": "b"}))
+    v1([fqcn])(SamplingParams(extra_args={"rotserve_angle": 90, "rotserve_plane": "b"}))
+
+
 # -- one engine with two planes ---------------------------------------------------------------
 
 
@@ -208,8 +273,14 @@ def engine(tiny_qwen2, tiny_plane, second_plane):
     require_vllm()
     from rotserve.engine import RotServeEngine
 
+    # The plain tracker, as a raw-vLLM user may list it: the plugin's config hook must bind it
+    # to this engine's planes (test_bad_requests_fail_alone_whatever_tracker_is_listed).
     eng = RotServeEngine(
-        tiny_qwen2, planes={"a": tiny_plane, "b": second_plane}, max_planes=8, **ENGINE_KWARGS
+        tiny_qwen2,
+        planes={"a": tiny_plane, "b": second_plane},
+        max_planes=8,
+        logits_processors=[TRACKER_FQCN],
+        **ENGINE_KWARGS,
     )
     yield eng
     eng.close()
@@ -284,23 +355,45 @@ def test_every_plane_and_window_in_one_batch_equals_the_oracle_alone(
     assert got[0].plane == "a" and got[0].layers == (0, 1) and got[-1].plane is None
 
 
-def test_unknown_plane_or_layer_fails_that_request_alone(engine):
-    """Refused at admission by the tracker bound to the engine's catalog (what a server
-    answers with HTTP 400); the engine keeps serving. (~2 s)"""
+def test_bad_requests_fail_alone_whatever_tracker_is_listed(engine):
+    """The engine was given the plain tracker; the plugin's config hook bound it to the
+    engine's planes and layers, so vLLM's frontend refuses an unknown plane, an unsteerable
+    layer and a malformed value per request (what a server answers with HTTP 400) instead of a
+    worker dying on them, and the engine keeps serving and steering. (~3 s)"""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
     from rotserve.prompts import chat_prompt
 
-    before = engine.generate(INSTRUCTIONS[:1], [90.0], plane="b", max_tokens=8)[0].token_ids
+    assert engine.setup is not None
+    listed = engine.llm.llm_engine.model_config.logits_processors
+    assert listed == [engine.setup.catalog.tracker_fqcn()]  # the set-up path's catalog, exactly
+    unsteered = engine.generate(INSTRUCTIONS[:1], [None], max_tokens=8, logprobs=True)[0]
+    before = engine.generate(INSTRUCTIONS[:1], [90.0], plane="b", max_tokens=8, logprobs=True)[0]
     prompt = chat_prompt(engine.tokenizer, INSTRUCTIONS[0])
     for extra_args, needle in (
         ({"rotserve_angle": 90.0, "rotserve_plane": "nope"}, "unknown plane 'nope'"),
         ({"rotserve_angle": 90.0, "rotserve_layers": "0,7"}, "layer 7 is out of range"),
+        ({"rotserve": {"angle": "ninety", "plane": "b"}}, "must be a number"),
     ):
         with pytest.raises(VLLMValidationError, match=re.escape(needle)):
             engine.llm.generate([prompt], SamplingParams(max_tokens=8, extra_args=extra_args))
     with pytest.raises(RequestSteeringError, match="prompt 1: unknown plane"):
         engine.generate(INSTRUCTIONS[:2], [90.0, 90.0], plane=["a", "nope"], max_tokens=8)
-    after = engine.generate(INSTRUCTIONS[:1], [90.0], plane="b", max_tokens=8)[0].token_ids
-    assert after == before
+    after = engine.generate(INSTRUCTIONS[:1], [90.0], plane="b", max_tokens=8, logprobs=True)[0]
+    assert after.token_ids == before.token_ids
+    assert max_abs_diff(after.logprobs, before.logprobs) < LOGPROB_TOL
+    assert (
+        after.token_ids != unsteered.token_ids
+        or max_abs_diff(after.logprobs, unsteered.logprobs) > 1e-3
+    ), "the request after the refusals ran unsteered"
+
+
+def test_the_start_up_canary_proved_the_second_plane_and_a_narrowed_window(engine):
+    """The engine's canary (run at start) probed plane b and the later layer alone, from the
+    engine's own config, and each differed from plane a over every layer. (no engine call)"""
+    margins = engine.canary.margins()
+    assert {"a second plane steers differently", "a narrowed window steers differently"} <= set(
+        margins
+    )
+    assert all(m >= 0 for m in margins.values()), margins

@@ -52,13 +52,18 @@ LOGPROB_TOL = 1e-4
 
 def test_plugin_registers_every_rotated_architecture():
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from rotserve.steering import ROTATED_ARCHITECTURES
-    from rotserve.vllm_plugin import register
+    from rotserve.vllm_plugin import register, steering_config_hook
 
     register()
     register()  # idempotent: vLLM loads general plugins in every process, sometimes twice
     assert set(ROTATED_ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
+    # The config hook that binds the tracker (tests/test_several_planes_per_request.py) is
+    # keyed by the rotated names alone: a stock model never runs it.
+    hooked = {name for name, hook in MODELS_CONFIG_MAP.items() if hook is steering_config_hook()}
+    assert hooked == set(ROTATED_ARCHITECTURES.values())
 
 
 def _basis(hidden: int = 16, seed: int = 0) -> torch.Tensor:
@@ -198,7 +203,8 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
 
     Real: vLLM's DefaultModelState base class and config, NewRequestData, our RotationState.
     Mocked: the model (a bare module holding a RotationState) and the V2 InputBatch (only the
-    fields prepare_inputs reads). The V2 runner itself needs Triton and cannot run here.
+    fields prepare_inputs reads; is_padding is not one of them). tests/test_v2_contract.py
+    drives the V2 runner's own code with vLLM's real InputBatch.
     """
     from vllm import SamplingParams
     from vllm.v1.core.sched.output import NewRequestData
@@ -243,7 +249,6 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
         query_start_loc=torch.tensor([0, 2, 5, 6], dtype=torch.int32),
         num_tokens=6,
         num_tokens_after_padding=8,
-        is_padding=torch.tensor([False] * 6 + [True] * 2),
     )
     state.prepare_inputs(batch, req_states=None)
     expected = angle_table([210.0] * 2 + [90.0] * 3 + [None] * 3, adaptive=[True] * 2 + [False] * 6)
@@ -274,7 +279,6 @@ def test_v2_model_state_without_gpu(cpu_vllm_config):
         query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
         num_tokens=3,
         num_tokens_after_padding=4,
-        is_padding=torch.tensor([False] * 3 + [True]),
     )
     state.prepare_inputs(one, req_states=None)
     table = multi.rotation.token_table[:4]

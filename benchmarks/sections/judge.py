@@ -16,8 +16,8 @@ def run(ctx: Context) -> None:
     """rotserve's judge vs plain vLLM on ONE engine (the shipped toy judge, prefix caching off).
 
     Contender `rotserve`: one shard of N rows through rotserve.judge.engine.judge_shard, the
-    path a judge actor runs (guided choice over the behaviour labels, verdict rows as an Arrow
-    table). Contender `plain`: llm.generate of the same prompt token ids, greedy, max_tokens 1.
+    path a judge actor runs (constrained to the behaviour labels, top log-probs and label
+    probabilities, verdict rows as an Arrow table). Contender `plain`: llm.generate of the same prompt token ids, greedy, max_tokens 1.
     Both count rows; the prompts are built once, outside the timing (the driver does that
     before any engine starts).
     """
@@ -47,7 +47,7 @@ def run(ctx: Context) -> None:
             for i, instr in enumerate(bench_instructions(n))
         ]
         shard = make_judge_plan(items, n).shards[0]
-        vctx = VerdictContext("bench", "toy-judge", BEHAVIOUR.name, BEHAVIOUR.labels)
+        vctx = VerdictContext("bench", "toy-judge", BEHAVIOUR)
         plain = SamplingParams(temperature=0.0, max_tokens=1)
         prompts = [{"prompt_token_ids": list(it.token_ids)} for it in shard.items]
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterable, Sequence
 
+from rotserve.dtype import DTYPES
 from rotserve.extract.activations import POSITIONS
 from rotserve.extract.config import ExtractConfig
 from rotserve.extract.first_axis import SELECT_RULES
@@ -155,9 +156,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--device", default=d.device, help="torch device (cpu, cuda, cuda:1, ...)")
     r.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         default=d.dtype,
-        help="model weights dtype (statistics are float32 whatever this is)",
+        help="model weights dtype (statistics are float32 whatever this is); auto: the "
+        "checkpoint's on a GPU, bfloat16 on a CPU with native bf16, float32 on other CPUs",
     )
     r.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward pass")
     r.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rotserve.dtype import DTYPES
 from rotserve.extract.activations import POSITIONS
 from rotserve.extract.candidates import HARMFUL, HARMLESS, ExtractionError
 from rotserve.extract.first_axis import SELECT_RULES
@@ -45,7 +46,8 @@ class ExtractConfig:
     seed: int = 0  # of the held-out split and of random directions
     batch_size: int = 16
     device: str = "cpu"
-    dtype: str = "float32"  # of the model weights; the statistics are float32/float64 anyway
+    # of the model weights (auto: rotserve.dtype.choose_dtype); the statistics are float32/64
+    dtype: str = "float32"
     chat_template: str | None = None  # path of a Jinja file
     trust_remote_code: bool = False
     figure: bool = True  # write <stem>.candidates.png beside the plane
@@ -72,6 +74,8 @@ class ExtractConfig:
                 canonical_window(self.layers, "--layers")
             except WindowError as e:
                 raise ExtractionError(str(e)) from None
+        if self.dtype not in DTYPES:
+            raise ExtractionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1:
             raise ExtractionError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.random_b1 and self.second != "random":

@@ -16,13 +16,16 @@ second_axis.py; this module only orders the passes and assembles what they give.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rotserve.dtype import choose_dtype
 from rotserve.extract.activations import ActivationReader
 from rotserve.extract.candidates import (
     HARMFUL,
@@ -74,6 +77,10 @@ def extract_plane(config: ExtractConfig | None = None, **overrides: Any) -> Extr
     # Prompt files and template first: a typo fails in a second, not after loading a model.
     prompts = load_prompt_files(cfg)
     template = read_chat_template(cfg.chat_template)
+    choice = choose_dtype(cfg.dtype, gpu=cfg.device.startswith("cuda"))
+    if cfg.dtype == "auto":
+        print(f"rotserve extract: {choice.describe()}", file=sys.stderr)
+    cfg = replace(cfg, dtype=choice.dtype)  # what the files record: the dtype that ran
     model, tokenizer = load_hf_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     return extract_from_loaded(model, tokenizer, prompts, cfg, template, provenance(cfg, prompts))
 

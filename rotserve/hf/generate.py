@@ -46,7 +46,8 @@ def load_hf_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) for a local path or HF id, eval mode, left padding."""
+    """(model, tokenizer) for a local path or HF id, eval mode, left padding. dtype "auto":
+    the checkpoint's own (what `rotserve.dtype.choose_dtype` means by auto on a GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
@@ -54,7 +55,9 @@ def load_hf_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     lm = AutoModelForCausalLM.from_pretrained(
-        str(model), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        str(model),
+        dtype="auto" if dtype == "auto" else resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
     )
     return lm.to(device).eval(), tok
 

@@ -3,7 +3,8 @@
     result = run_judge(JudgeConfig(run_dir="runs/grid-<id>", judge="...", rubric="behaviour"))
     verdicts = rotserve.rundir.read_verdicts(result.run_dir, result.name)
 
-rubrics.py (templates and labels) and prompts.py (rendering, the context rule) are pure;
+rubrics.py (templates, labels, readings), prompts.py (rendering, the clip, the context rule)
+and verdict.py (label probabilities, the choice constraint) are pure;
 plan.py cuts the rows into shards; store.py is the verdict table (a fan-out PartStore);
 engine.py is the judge engine and its worker; job.py chains them on rotserve.fanout.
 """

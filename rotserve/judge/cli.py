@@ -22,9 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run a judge model over every row of a finished grid run and write its verdicts as "
             "their own Parquet table, RUN_DIR/verdicts/<judge>.<rubric>/, keyed to the rows by "
-            "row_key; `rotserve report RUN_DIR` then shows each label's share per angle. The "
-            "judge's answer is constrained to the rubric's labels (vLLM structured outputs). "
-            "Rerunning the same command resumes an interrupted table."
+            "row_key; `rotserve report RUN_DIR` then shows each label's share and mean "
+            "probability per angle. Each verdict is read as the rubric's own evaluation reads "
+            "it (harmbench*: one free token, yes or not; llamaguard: first line safe/unsafe; "
+            "behaviour and rubric files: constrained to the labels), with every label's "
+            "probability from the judge's log-probs. Rerunning the same command resumes an "
+            "interrupted table."
         ),
         formatter_class=DefaultsFormatter,
     )
@@ -41,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rubric",
         default=d.rubric,
         help=f"{', '.join(BUILTIN)}, or a rubric file: NAME.toml (template, labels, chat, "
-        "min_words, short_label) or a template text file with {instruction} and {generation} "
-        "plus --labels",
+        "min_words, short_label, score_label) or a template text file with {instruction} and "
+        "{generation} plus --labels",
     )
     g.add_argument(
         "--labels",
@@ -129,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"verdicts {result.name}: {result.rows_total} rows ({result.shards_written} parts written "
         f"now, {result.shards_skipped} resumed; {result.judged} judged, {result.by_rule} by the "
-        f"rubric's rule, {result.truncated} truncated), {result.wall_s:.0f} s\n"
-        f"  labels    {counts}\n"
+        f"rubric's rule, {result.truncated} truncated, {result.clipped} clipped), "
+        f"{result.wall_s:.0f} s\n"
+        f"  labels    {counts}"
+        + (f" ({result.unparsed} answers the rubric did not know)" if result.unparsed else "")
+        + "\n"
         f"  table     {result.table_dir}/   (join to the rows on row_key: docs/SCHEMA.md)\n"
         f"  manifest  {result.manifest_path}"
     )

@@ -19,12 +19,20 @@ from typing import Any
 from rotserve.dtype import DTYPES
 from rotserve.fanout import ExecutionConfigError, ExecutionOptions
 from rotserve.judge.plan import JudgeItem, JudgePlan, make_judge_plan
-from rotserve.judge.prompts import ContextError, judge_input, short_by_rule
+from rotserve.judge.prompts import (
+    ContextError,
+    PromptShapeError,
+    judge_input,
+    prompt_shape,
+    short_by_rule,
+)
 from rotserve.judge.rubrics import Rubric, RubricError, load_rubric
+from rotserve.judge.verdict import TOP_LOGPROBS, choice_regex
 from rotserve.paths import ModelPathError, resolve_model, toy_judge_dir
 from rotserve.rundir import (
     MANIFEST,
     ROWS_DIR,
+    VERDICT_FORMAT,
     RunDirError,
     read_manifest,
     read_rows,
@@ -71,11 +79,14 @@ class ResolvedJudge:
     plan: JudgePlan
     n_rule: int  # rows labelled by the rubric's short-response rule
     n_truncated: int
+    shape: str = "string"  # message contents the judge's chat template renders (prompts.SHAPES)
+    n_clipped: int = 0  # generations the rubric's clip cut
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the verdicts; its hash is the table's verdict id."""
         c = self.config
         return {
+            "format": VERDICT_FORMAT,
             "run_id": self.run_id,
             "judge": self.judge,
             "revision": c.revision,
@@ -84,6 +95,7 @@ class ResolvedJudge:
             "dtype": c.dtype,
             "enforce_eager": c.enforce_eager,
             "context": self.context,
+            "top_logprobs": TOP_LOGPROBS,
             "plan": self.plan.fingerprint,
         }
 
@@ -130,8 +142,9 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
         raise JudgeConfigError(
             f"--max-model-len {context} is more than the judge's {max_positions} positions"
         )
+    shape = _check_prompt(rubric, tokenizer, judge)
     log(f"judge: building {rows.num_rows} prompts for {judge_slug(judge)} ({rubric.name})")
-    items = _items(rows, rubric, tokenizer, context, config.execution.progress)
+    items, n_clipped = _items(rows, rubric, tokenizer, context, shape, config.execution.progress)
     name = config.name or f"{judge_slug(judge)}.{rubric.name}"
     if not re.fullmatch(r"[\w][\w.-]*", name):
         raise JudgeConfigError(f"--name {name!r}: letters, digits, '.', '-' and '_' only")
@@ -148,7 +161,31 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
         plan=make_judge_plan(items, config.shard_size),
         n_rule=sum(it.rule_label is not None for it in items),
         n_truncated=sum(it.truncated for it in items),
+        shape=shape,
+        n_clipped=n_clipped,
     )
+
+
+def _check_prompt(rubric: Rubric, tokenizer: Any, judge: str) -> str:
+    """The judge prompt must show the row (prompts.prompt_shape), and a choice rubric's
+    constraint must compile in the grammar backend the judge engine uses (xgrammar)."""
+    try:
+        shape = prompt_shape(rubric, tokenizer)
+    except PromptShapeError as e:
+        raise JudgeConfigError(f"--judge {judge}: {e}") from None
+    if rubric.reading == "choice":
+        try:
+            import xgrammar
+        except ImportError:  # no vLLM here: the engine's own check remains
+            return shape
+        try:
+            xgrammar.Grammar.from_regex(choice_regex(rubric.labels))
+        except Exception as e:
+            raise JudgeConfigError(
+                f"rubric {rubric.name!r}: its labels {list(rubric.labels)} do not make a "
+                f"constraint the judge engine can compile ({e}); use plainer labels"
+            ) from None
+    return shape
 
 
 def _check_numbers(c: JudgeConfig) -> None:
@@ -198,8 +235,9 @@ def _load_judge(judge: str, revision: str | None) -> tuple[Any, int | None]:
 
 
 def _items(
-    rows: Any, rubric: Rubric, tokenizer: Any, context: int, progress: bool = False
-) -> list[JudgeItem]:
+    rows: Any, rubric: Rubric, tokenizer: Any, context: int, shape: str, progress: bool = False
+) -> tuple[list[JudgeItem], int]:
+    """Every row's item, and how many generations the rubric's clip cut."""
     from tqdm import tqdm
 
     keys = row_keys(rows)
@@ -209,7 +247,7 @@ def _items(
         keys,
         strict=True,
     )
-    items = []
+    items, n_clipped = [], 0
     # ~1 ms a row (chat template + tokenizer): a bar for runs large enough to wait on
     bar = tqdm(
         cols,
@@ -224,11 +262,12 @@ def _items(
             items.append(JudgeItem.of(key, (), False, rubric.short_label))
             continue
         try:
-            inp = judge_input(rubric, tokenizer, instruction, generation, context)
+            inp = judge_input(rubric, tokenizer, instruction, generation, context, shape)
         except ContextError as e:
             raise JudgeConfigError(f"row {key}: {e}") from None
         items.append(JudgeItem.of(key, inp.token_ids, inp.truncated))
-    return items
+        n_clipped += inp.clipped
+    return items, n_clipped
 
 
 def config_dict(config: JudgeConfig) -> dict[str, Any]:

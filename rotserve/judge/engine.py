@@ -1,10 +1,12 @@
-"""The judge on an engine: a stock vLLM model (no plane), answers constrained to the labels.
+"""The judge on an engine: a stock vLLM model (no plane), answering as the rubric's reading says.
 
-Every judge call is a guided choice (vLLM structured outputs): the sampler may only spell one
-of the rubric's labels, then stop, so even a tiny judge cannot give an unparseable verdict.
-Greedy, so a verdict is reproducible. Prompts travel as token ids, built and fitted to the
-context by the driver (rotserve.judge.prompts), so the engine never re-tokenizes them (a
-re-tokenized chat text could gain a second BOS).
+Greedy, so a verdict is reproducible, with the top log-probs of every answer token (the label
+probabilities, rotserve.judge.verdict). A `choice` rubric decodes under a constraint (the labels
+after optional leading whitespace, so even a tiny judge cannot give an unparseable verdict); a
+`one_token` or `first_line` rubric decodes freely, as its official evaluation does, and the text
+is read by the rubric. Prompts travel as token ids, built and fitted to the context by the driver
+(rotserve.judge.prompts), so the engine never re-tokenizes them (a re-tokenized chat text could
+gain a second BOS).
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import pyarrow as pa
 
 from rotserve.fanout import EngineSpec, FanOutError, Worker, make_engine
 from rotserve.judge.plan import JudgeShard
-from rotserve.judge.prompts import answer_budget
+from rotserve.judge.rubrics import Rubric
+from rotserve.judge.verdict import TOP_LOGPROBS, Answer, answer_of, choice_regex, label_probs
 from rotserve.rundir import VERDICT_SCHEMA
+
+# The grammar backend of a choice rubric's constraint: the one its tests prove admits a judge's
+# natural first tokens (tests/test_public_judges.py), pinned rather than vLLM's `auto` pick.
+GRAMMAR_BACKEND = "xgrammar"
 
 
 class JudgeRunError(FanOutError):
@@ -27,16 +34,34 @@ class JudgeRunError(FanOutError):
 
 @dataclass(frozen=True)
 class VerdictContext:
-    """Per-table constants stamped on every verdict, and the rubric's labels."""
+    """Per-table constants stamped on every verdict, and the rubric that reads the answers."""
 
     run_id: str
     judge: str
-    rubric: str
-    labels: tuple[str, ...]
+    rubric: Rubric
+
+
+def sampling_params(rubric: Rubric) -> Any:
+    """vLLM SamplingParams of the rubric's reading: greedy, its token budget, top log-probs,
+    and for a choice rubric the constraint."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    constraint = (
+        StructuredOutputsParams(regex=choice_regex(rubric.labels))
+        if rubric.reading == "choice"
+        else None
+    )
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=rubric.max_tokens,
+        logprobs=TOP_LOGPROBS,
+        structured_outputs=constraint,
+    )
 
 
 class JudgeEngine:
-    """One stock engine (rotserve's engine with no plane) that answers with a label."""
+    """One stock engine (rotserve's engine with no plane) that answers judge prompts."""
 
     def __init__(self, spec: EngineSpec) -> None:
         if spec.steered:
@@ -44,22 +69,14 @@ class JudgeEngine:
         self.engine = make_engine(spec)
         self.llm = self.engine.llm
 
-    def choose(
-        self, prompts: Sequence[Sequence[int]], labels: Sequence[str]
-    ) -> list[tuple[str, str | None]]:
-        """(text, finish reason) per prompt, the text constrained to one of `labels`."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=answer_budget(tuple(labels)),
-            structured_outputs=StructuredOutputsParams(choice=list(labels)),
-        )
+    def answer(self, prompts: Sequence[Sequence[int]], rubric: Rubric) -> list[Answer]:
+        """The judge's answer to each prompt (text, finish reason, per-token log-probs)."""
         outs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
+            [{"prompt_token_ids": list(p)} for p in prompts],
+            sampling_params(rubric),
+            use_tqdm=False,
         )
-        return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+        return [answer_of(o.outputs[0]) for o in outs]
 
     def close(self) -> None:
         self.engine.close()
@@ -92,33 +109,42 @@ class JudgeWorker(Worker):
 
 def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table:
     """One shard's verdicts in ONE generate call; rule-labelled rows need no engine."""
+    rubric = ctx.rubric
     asked = [it for it in shard.items if it.rule_label is None]
-    answers = engine.choose([it.token_ids for it in asked], ctx.labels) if asked else []
+    answers = engine.answer([it.token_ids for it in asked], rubric) if asked else []
     if len(answers) != len(asked):
         raise JudgeRunError(f"the judge returned {len(answers)} answers for {len(asked)} prompts")
     by_key = {it.row_key: a for it, a in zip(asked, answers, strict=True)}
     rows = []
     for it in shard.items:
-        raw, label = None, it.rule_label
+        raw = parsed = probs = score = None
+        label = it.rule_label
         if label is None:
-            raw, finish = by_key[it.row_key]
-            label = raw.strip()
-            if label not in ctx.labels:  # guided choice makes this impossible; say so if not
+            answer = by_key[it.row_key]
+            raw = answer.text
+            label, parsed = rubric.read(raw)
+            if rubric.reading == "choice" and not parsed:  # the constraint makes this impossible
                 raise JudgeRunError(
-                    f"the judge answered {raw!r} (finish {finish}) for row {it.row_key}, not one "
-                    f"of the labels {list(ctx.labels)}: structured outputs did not hold"
+                    f"the judge answered {raw!r} (finish {answer.finish}) for row {it.row_key}, "
+                    f"not one of the labels {list(rubric.labels)}: structured outputs did not "
+                    "hold"
                 )
+            probs = label_probs(rubric, answer.steps)
+            score = probs[rubric.score_label] if rubric.score_label else None
         rows.append(
             {
                 "run_id": ctx.run_id,
                 "row_key": it.row_key,
                 "judge": ctx.judge,
-                "rubric": ctx.rubric,
+                "rubric": rubric.name,
                 "label": label,
                 "raw": raw,
                 "by_rule": it.rule_label is not None,
                 "truncated": it.truncated,
                 "judge_prompt_tokens": it.n_tokens,
+                "parsed": parsed,
+                "score": score,
+                "probs": None if probs is None else list(probs.items()),
             }
         )
     return pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)

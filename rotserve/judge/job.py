@@ -19,9 +19,11 @@ from rotserve.dtype import choose_dtype
 from rotserve.fanout import Job, Placement, engine_spec, now, provenance, run_attempt
 from rotserve.fanout.job import log
 from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
-from rotserve.judge.engine import JudgeWorker, JudgeWorkerSpec, VerdictContext
+from rotserve.judge.engine import GRAMMAR_BACKEND, JudgeWorker, JudgeWorkerSpec, VerdictContext
 from rotserve.judge.prompts import TRUNCATION_RULE
+from rotserve.judge.rubrics import CHOICE_WHITESPACE, Rubric
 from rotserve.judge.store import VerdictStore
+from rotserve.judge.verdict import TOP_LOGPROBS
 from rotserve.rundir import VERDICT_FORMAT, VERDICT_SCHEMA, part_files_in
 
 
@@ -44,6 +46,8 @@ class JudgeResult:
     rows_per_s: float | None
     engine_failures: int = 0
     label_counts: dict[str, int] = field(default_factory=dict)
+    clipped: int = 0  # generations the rubric's clip cut (HarmBench's 512 tokens)
+    unparsed: int = 0  # answers the rubric's reading did not know (given its fallback label)
 
 
 def run_judge(
@@ -77,8 +81,9 @@ def run_judge(
             f"{store.parts_dir}",
         )
         attempt = run_attempt(job, manifest, state, t0)
-        counts = label_counts(store.parts_dir)
+        counts, unparsed = label_counts(store.parts_dir)
         manifest["labels_counted"] = counts
+        manifest["counts"]["unparsed"] = unparsed
         store.write_manifest(manifest)
         stats = attempt.stats
         return JudgeResult(
@@ -99,19 +104,58 @@ def run_judge(
             rows_per_s=attempt.rows_per_s,
             engine_failures=stats.engine_failures,
             label_counts=counts,
+            clipped=resolved.n_clipped,
+            unparsed=unparsed,
         )
     finally:
         store.close()
 
 
-def label_counts(table_dir: Path) -> dict[str, int]:
+def label_counts(table_dir: Path) -> tuple[dict[str, int], int]:
+    """Verdicts per label, and how many answers the rubric's reading did not know."""
     import pyarrow.parquet as pq
 
     counts: dict[str, int] = {}
+    unparsed = 0
     for f in part_files_in(table_dir):
-        for label in pq.read_table(f, columns=["label"]).column("label").to_pylist():
+        t = pq.read_table(f, columns=["label", "parsed"])
+        for label in t.column("label").to_pylist():
             counts[label] = counts.get(label, 0) + 1
-    return dict(sorted(counts.items()))
+        unparsed += t.column("parsed").to_pylist().count(False)
+    return dict(sorted(counts.items())), unparsed
+
+
+def reading_rule(r: Rubric) -> str:
+    """How the rubric turns the judge's answer into a label, in words (the manifest's)."""
+    if r.reading == "one_token":
+        return (
+            "greedy, one free token; the label whose lowercase equals the stripped, lowercased "
+            f"text, else {r.fallback!r} (parsed = false)"
+        )
+    if r.reading == "first_line":
+        return (
+            f"greedy, free text up to {r.max_tokens} tokens; the label equal to the first line "
+            f"of the stripped text, else {r.fallback!r} (parsed = false); the raw text keeps "
+            "the rest (Llama Guard's categories)"
+        )
+    return (
+        f"greedy, constrained to up to {CHOICE_WHITESPACE} whitespace characters then one label "
+        f"(vLLM structured outputs, regex, {GRAMMAR_BACKEND}); the stripped text is the label"
+    )
+
+
+def score_rule(r: Rubric) -> str:
+    """What the probabilities are, in words (the manifest's)."""
+    where = (
+        "the one answer token"
+        if r.reading == "one_token"
+        else "the decision position (the first answer token that is not whitespace)"
+    )
+    score = f"; score = P({r.score_label!r})" if r.score_label else "; no score label"
+    return (
+        f"probs = P(label) at {where}, summed over the label's token variants among the top "
+        f"{TOP_LOGPROBS} log-probs (a lower bound; see rotserve.judge.verdict){score}"
+    )
 
 
 def verdict_manifest(
@@ -133,6 +177,7 @@ def verdict_manifest(
             "model_is_local": resolved.judge_is_local,
             "revision": c.revision,
             "context": resolved.context,
+            "content": resolved.shape,  # message contents its chat template renders
         },
         "rubric": {
             "name": r.name,
@@ -141,15 +186,27 @@ def verdict_manifest(
             "chat": r.chat,
             "conversation": r.conversation,
             "description": r.description,
+            "reading": r.reading,
+            "fallback": r.fallback,
+            "score_label": r.score_label,
+            "clip_tokens": r.clip_tokens,
             "fingerprint": r.fingerprint(),
         },
-        # The rules that decide a verdict without (or before) the judge, in words.
-        "rules": {"short_response": r.rule, "truncation": TRUNCATION_RULE},
+        # How a verdict is made, in words: the rules before the judge, and its reading.
+        "rules": {
+            "short_response": r.rule,
+            "clip": r.clip_rule,
+            "truncation": TRUNCATION_RULE,
+            "reading": reading_rule(r),
+            "probabilities": score_rule(r),
+        },
         "counts": {
             "rows": resolved.plan.n_rows,
             "judged": resolved.plan.n_rows - resolved.n_rule,
             "by_rule": resolved.n_rule,
             "truncated": resolved.n_truncated,
+            "clipped": resolved.n_clipped,
+            "unparsed": None,  # counted when the table is complete
         },
         "identity": resolved.identity(),
         "plan": {
@@ -177,9 +234,10 @@ def judge_worker_spec(r: ResolvedJudge, where: Placement) -> JudgeWorkerSpec:
         dtype=c.dtype,
         enforce_eager=c.enforce_eager,
         revision=c.revision,
-        llm_kwargs={"max_model_len": r.context},
+        llm_kwargs={
+            "max_model_len": r.context,
+            "structured_outputs_config": {"backend": GRAMMAR_BACKEND},
+        },
     )
-    verdicts = VerdictContext(
-        run_id=r.run_id, judge=r.judge, rubric=r.rubric.name, labels=r.rubric.labels
-    )
+    verdicts = VerdictContext(run_id=r.run_id, judge=r.judge, rubric=r.rubric)
     return JudgeWorkerSpec(engine, verdicts)

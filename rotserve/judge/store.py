@@ -18,8 +18,10 @@ import pyarrow as pa
 from rotserve.fanout import PartStore
 from rotserve.rundir import (
     TMP_DIR,
+    VERDICT_FORMAT,
     VERDICT_SCHEMA,
     RunDirError,
+    old_verdict_format,
     part_files_in,
     read_verdict_manifest,
     verdict_manifest_path,
@@ -72,6 +74,8 @@ class VerdictStore(PartStore):
             return "resume"
         if overwrite:
             return "overwrite"
+        if manifest.get("format") != VERDICT_FORMAT:
+            raise RunDirError(old_verdict_format(name, manifest))
         if manifest.get("run_id") != run_id:
             raise RunDirError(
                 f"verdict table {name} in {run_dir} was made for run {manifest.get('run_id')}, "

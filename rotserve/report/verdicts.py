@@ -1,5 +1,5 @@
-"""The judges' side of the report: per dataset × mask × angle, each label's share, for every
-verdict table of the run; a polar plot per table (one line per label) and example generations
+"""The judges' side of the report: per dataset × mask × angle, each label's share and the mean
+probability the judge gave it, for every verdict table of the run; a polar plot per table (one line per label) and example generations
 per label and angle region.
 
 Reads the run directory only (rotserve.rundir: rows, verdict tables, their checks). Uses
@@ -41,6 +41,7 @@ class LabelShare:
     n: int  # rows in the cell
     share: float  # of those rows, the share with this label
     setting: str = ""  # "PLANE [WINDOW]" of a plane/window sweep (summary.setting_of)
+    mean_prob: float | None = None  # mean P(label) over the cell's judged rows (verdict probs)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,16 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
             strict=True,
         )
     )
+    keys = verdicts.column("row_key").to_pylist()
+    # a hand-made table may carry labels only
+    probs = verdicts.column("probs").to_pylist() if "probs" in verdicts.column_names else None
+    probs_of = dict(zip(keys, probs or [None] * len(keys), strict=True))
     cells: dict[tuple[str, str, str, float | None], dict[str, int]] = defaultdict(
         lambda: defaultdict(int)
     )
+    # per cell: summed P(label) and the number of rows with probabilities (the rule's have none)
+    prob_sums: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    prob_rows: dict[tuple, int] = defaultdict(int)
     order: list[str] = []
     settings: list[str] = []
     cols = [rows.column(c).to_pylist() for c in ("dataset", "angle", "adaptive", "plane", "window")]
@@ -84,9 +92,14 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
         setting = setting_of(angle, plane, window)
         if setting not in settings:
             settings.append(setting)
-        cells[(ds, mask_of(angle, adaptive), setting, angle)][by_key[key]] += 1
+        cell = (ds, mask_of(angle, adaptive), setting, angle)
+        cells[cell][by_key[key]] += 1
+        if probs_of[key] is not None:
+            prob_rows[cell] += 1
+            for lb, p in probs_of[key]:
+                prob_sums[cell][lb] += p
     out = []
-    for (ds, mask, setting, angle), counts in sorted(
+    for cell, counts in sorted(
         cells.items(),
         key=lambda kv: (
             order.index(kv[0][0]),
@@ -95,9 +108,20 @@ def label_shares(name: str, rows: pa.Table, verdicts: pa.Table, labels: Sequence
             -1.0 if kv[0][3] is None else kv[0][3],
         ),
     ):
-        n = sum(counts.values())
+        ds, mask, setting, angle = cell
+        n, judged = sum(counts.values()), prob_rows[cell]
         out += [
-            LabelShare(name, ds, mask, angle, lb, n, counts.get(lb, 0) / n, setting)
+            LabelShare(
+                name,
+                ds,
+                mask,
+                angle,
+                lb,
+                n,
+                counts.get(lb, 0) / n,
+                setting,
+                prob_sums[cell][lb] / judged if judged else None,
+            )
             for lb in labels
         ]
     return out
@@ -118,12 +142,16 @@ def write_shares_csv(shares: Sequence[LabelShare], path: Path) -> Path:
                 "label",
                 "n",
                 "share",
+                "mean_prob",
             ]
         )
         for s in shares:
             angle = "" if s.angle is None else f"{s.angle:g}"
             where = [s.setting] if sweep else []
-            w.writerow([s.table, s.dataset, s.mask, *where, angle, s.label, s.n, f"{s.share:.4f}"])
+            prob = "" if s.mean_prob is None else f"{s.mean_prob:.4f}"
+            w.writerow(
+                [s.table, s.dataset, s.mask, *where, angle, s.label, s.n, f"{s.share:.4f}", prob]
+            )
     return path
 
 
@@ -133,7 +161,10 @@ def shares_markdown(report: VerdictReport) -> str:
     ds = list(dict.fromkeys(s.dataset for s in shares))
     by = {(s.dataset, s.mask, s.setting, s.angle, s.label): s for s in shares}
     out = [f"## verdicts {report.name}", ""]
-    out.append("Share of each label per dataset and angle; n rows per cell as in summary.md.")
+    out.append(
+        "Share of each label per dataset and angle, then (after /) the mean probability the "
+        "judge gave that label over the rows it was asked; n rows per cell as in summary.md."
+    )
     if report.rule:
         out.append(f"Rule: {report.rule}.")
     if report.truncated:
@@ -158,7 +189,8 @@ def shares_markdown(report: VerdictReport) -> str:
                 for d in ds:
                     for lb in report.labels:
                         s = by.get((d, *key, a, lb))
-                        cells.append(f"{s.share:.2f}" if s else "")
+                        prob = "" if s is None or s.mean_prob is None else f" / {s.mean_prob:.2f}"
+                        cells.append(f"{s.share:.2f}{prob}" if s else "")
                 if any(cells[1:]):
                     out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"

@@ -4,8 +4,9 @@ Torch only, so its slot logic is tested without vLLM; the vLLM plugin's models, 
 V2 model state hold these. Three pieces, used by both model runners:
 
 - RequestRows: one angle-table row per request slot (host copy + device copy), written when
-  a request joins the batch. Slot `capacity` is a permanent identity row that padding and
-  unknown tokens point at.
+  a request joins the batch and pushed to the device without a host stall (pinned staging,
+  non-blocking copy of the changed slots only). Slot `capacity` is a permanent identity row
+  that padding and unknown tokens point at.
 - token_slots(): which slot each token of the flattened batch belongs to, from the batch's
   query_start_loc (tokens of a request are contiguous, requests in batch order) and the
   batch-position -> slot mapping. Pure tensor ops on the batch's own device: no host sync.
@@ -32,11 +33,33 @@ class RequestRows:
 
     V1: a slot is a position in the persistent batch. V2: a slot is the runner's request
     index (input_batch.idx_mapping maps batch positions to slots).
+
+    `sync()` pushes only the slots written since the last sync (one contiguous range) and
+    never waits for the device. With `pin_memory` (default: on for a CUDA device; pass
+    vLLM's `is_pin_memory_available()` to follow the platform) the range is staged in a
+    fresh pinned buffer and copied with `non_blocking=True`: the step where a request joins
+    does not stall the CPU on the previous GPU step (vLLM's async scheduling prepares step
+    n+1 while step n runs).
+
+    Why a fresh staging buffer per sync rather than pinning `host` itself: a non-blocking
+    copy reads its source when the stream reaches it, possibly after the next step's
+    `set()` has already rewritten the row. `host` stays pageable and freely writable; each
+    sync copies the dirty range (a few hundred bytes per request) into a new pinned tensor
+    that nothing else references. PyTorch's caching host allocator records the copy's
+    stream event on that block and hands it out again only once the copy has completed,
+    so no buffer is ever rewritten in flight and nothing here synchronises. This is what
+    vLLM's own `async_tensor_h2d` does for the V2 runner's per-step inputs. Ordering with
+    the table fill needs nothing either: both run on the current stream, copy first.
     """
 
     def __init__(
-        self, capacity: int, device: torch.device | str, catalog: PlaneCatalog | None = None
+        self,
+        capacity: int,
+        device: torch.device | str,
+        catalog: PlaneCatalog | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
+        device = torch.device(device)
         self.capacity = capacity
         self.catalog = catalog
         self.identity_slot = capacity  # the extra, never-written row
@@ -44,15 +67,26 @@ class RequestRows:
         self.host = identity_rows(capacity + 1, width=width)
         self.device_rows = identity_rows(capacity + 1, device=device, width=width)
         self._identity = identity_rows(1, width=width)[0]
-        self._dirty = False
+        # Pinning needs an accelerator runtime (CPU-only torch cannot pin, and a CPU
+        # "device" copy is a memcpy that cannot overlap anything anyway).
+        self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
+        # Slots [_dirty_lo, _dirty_hi) differ between host and device; empty when lo >= hi.
+        self._dirty_lo, self._dirty_hi = capacity, 0
+        # Every host slot >= _used is identity (so clear_from touches only what it must).
+        self._used = 0
+
+    def _touch(self, *slots: int) -> None:
+        self._dirty_lo = min(self._dirty_lo, *slots)
+        self._dirty_hi = max(self._dirty_hi, *(s + 1 for s in slots))
 
     def set(self, slot: int, steering: RequestSteering) -> None:
         self.host[slot] = steering_row(steering, self.catalog)
-        self._dirty = True
+        self._touch(slot)
+        self._used = max(self._used, slot + 1)
 
     def clear(self, slot: int) -> None:
         self.host[slot] = self._identity
-        self._dirty = True
+        self._touch(slot)
 
     def move(self, src: int, dst: int, swap: bool) -> None:
         if swap:
@@ -60,19 +94,27 @@ class RequestRows:
         else:
             self.host[dst] = self.host[src]
             self.host[src] = self._identity
-        self._dirty = True
+        self._touch(src, dst)
+        self._used = max(self._used, src + 1, dst + 1)
 
     def clear_from(self, first_slot: int) -> None:
         """Identity for every slot >= first_slot (V1: slots past the batch size are empty)."""
-        self.host[first_slot : self.capacity] = self._identity
-        self._dirty = True
+        if first_slot < self._used:
+            self.host[first_slot : self._used] = self._identity
+            self._touch(first_slot, self._used - 1)
+            self._used = first_slot
 
     def sync(self) -> None:
-        """Push host rows to the device; only when something changed (requests joined or
-        left), so a steady decode step costs nothing here."""
-        if self._dirty:
-            self.device_rows.copy_(self.host)
-            self._dirty = False
+        """Push the changed host rows to the device without waiting for it; nothing to do
+        on a step where no request joined or left."""
+        lo, hi = self._dirty_lo, self._dirty_hi
+        if lo >= hi:
+            return
+        changed = self.host[lo:hi]
+        if self.pin_memory:
+            changed = changed.pin_memory()  # a fresh staging buffer: see the class docstring
+        self.device_rows[lo:hi].copy_(changed, non_blocking=True)
+        self._dirty_lo, self._dirty_hi = self.capacity, 0
 
 
 def token_slots(
@@ -90,7 +132,9 @@ def token_slots(
         #{i : query_start_loc[i+1] <= t}; positions >= num_reqs are padding.
     slot_of_request: [num_reqs] batch position -> slot (V2's idx_mapping); None = identity
         mapping (V1's persistent batch, where the position is the slot).
-    is_padding: optional [>= num_tokens] bool mask of tokens to force to identity.
+    is_padding: optional [>= num_tokens] bool mask of tokens to force to identity. Tokens
+        at or past query_start_loc[-1] are identity without it; V1 passes its runner's mask
+        (rewritten every step), V2 none (its mask is not rewritten every step).
     """
     ends = query_start_loc[1:].to(torch.int64)
     num_reqs = ends.shape[0]

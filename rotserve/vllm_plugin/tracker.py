@@ -17,9 +17,11 @@ there (V2 maps tokens to requests in RotServeModelState instead). Two reasons:
 - V2 refuses V1-only classes listed under the `vllm.logits_processors` entry point, so a
   dual class is the only kind that is safe to install for every engine.
 
-Register it with `logits_processors=["rotserve.vllm_plugin:RotServeBatchTracker"]`
-(CLI: `--logits-processors rotserve.vllm_plugin:RotServeBatchTracker`); RotServeEngine does
-it for you. A rotated model on V1 refuses to load without it (never silent no-steering).
+Nobody needs to list it: for a rotated architecture, the plugin's config hook
+(`bind_tracker_to_engine`) puts the tracker bound to the engine's planes and layers into the
+engine's `logits_processors`, replacing a plain `rotserve.vllm_plugin:RotServeBatchTracker`
+the user listed. Should that hook ever not run, a rotated model on V1 refuses to load without
+a tracker (never silent no-steering).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
+from rotserve.plane import load_plane
 from rotserve.steering import (
+    EngineSteering,
     PlaneCatalog,
     RequestSteeringError,
     is_tracker_fqcn,
@@ -45,7 +49,7 @@ from rotserve.steering.table import RequestRows
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
-    from vllm.config import VllmConfig
+    from vllm.config import ModelConfig, VllmConfig
 
 # Trackers built in this process and not yet claimed by a rotated model. The runner builds
 # its logits processors before it loads the model, and hands both the same VllmConfig
@@ -91,6 +95,42 @@ def bound_tracker(class_name: str) -> type[RotServeBatchTracker]:
         cls.__module__ = "rotserve.vllm_plugin"
         _BOUND[class_name] = cls
     return cls
+
+
+def bind_tracker_to_engine(model_config: ModelConfig) -> None:
+    """The rotated models' config hook (vLLM's MODELS_CONFIG_MAP, see `register`): list exactly
+    one tracker, bound to this engine's catalog, in `model_config.logits_processors`.
+
+    vLLM runs it in the frontend while it builds the engine's config, before the frontend
+    loads the processors whose `validate_params` it calls per request and before the config is
+    sent to any worker. A plain tracker (listed by name or as the class) would only check a
+    request's syntax there; an unknown plane or an unsteerable layer would then first fail
+    inside a worker, and an exception there kills the engine (vLLM has no per-request error
+    path from a logits processor's `update_state` or a model state's `add_request`). The
+    catalog is built from the very settings and plane files the worker loads, so it refuses
+    what the worker would. A tracker loaded by a `vllm.logits_processors` entry point cannot be
+    unlisted; the bound one is listed beside it, and the runner claims one (a second, unclaimed
+    instance keeps catalog-free rows and steers nothing).
+    """
+    settings = EngineSteering.from_hf_config(model_config.hf_config, model_config.architecture)
+    text = model_config.hf_text_config
+    plane_ids = []
+    for _, path in settings.planes:
+        plane = load_plane(path)
+        plane.check_hidden_size(text.hidden_size, model=str(model_config.model))
+        plane_ids.append(plane.plane_id)
+    catalog = PlaneCatalog.build(settings, plane_ids, text.num_hidden_layers)
+    listed = list(model_config.logits_processors or ())
+    at = next((i for i, p in enumerate(listed) if _is_tracker(p)), len(listed))
+    others = [p for p in listed if not _is_tracker(p)]
+    others.insert(at, catalog.tracker_fqcn())  # where the user had it: the order they chose
+    model_config.logits_processors = others
+
+
+def _is_tracker(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return is_tracker_fqcn(entry)
+    return isinstance(entry, type) and issubclass(entry, RotServeBatchTracker)
 
 
 class RotServeBatchTracker(V1LogitsProcessor, V2LogitsProcessor):

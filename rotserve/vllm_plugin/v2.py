@@ -3,18 +3,27 @@
 V2 resolves `model.get_model_state_cls()` and then, every step:
 - `add_request(req_index, new_req_data)` for each request joining (and each resumed one),
   with its SamplingParams: we write that request slot's angle row (host side);
-- `apply_staged_writes()` once after the additions: rows go to the device;
+- `apply_staged_writes()` once after the additions: the changed rows go to the device, from
+  pinned memory with a non-blocking copy (RequestRows.sync), so a request joining never
+  stalls the CPU on the GPU step still running under async scheduling;
 - `prepare_inputs(input_batch, req_states)` before the forward, also before a FULL CUDA
   graph replay (the replay reads only persistent buffers): we expand slot rows to the
   per-token table in place, through `input_batch.idx_mapping` (batch position -> slot; batch
-  order is not slot order) and `input_batch.query_start_loc`, all on the device. Padding
-  tokens (`input_batch.is_padding`, and every token of a dummy batch) get identity;
-- `prepare_dummy_inputs()` for capture/profile runs: identity.
+  order is not slot order) and `input_batch.query_start_loc`, all on the device. Tokens at
+  or past `query_start_loc[num_reqs]`, up to `num_tokens_after_padding`, get identity.
+  `input_batch.is_padding` is deliberately not read: the runner rewrites it per batch only
+  while VLLM_MOE_SKIP_PADDING=1, and CUDA-graph capture leaves it all True, so with that
+  variable at 0 it would mark every real token as padding. Dummy batches the runner pushes
+  through `prepare_inputs` (DP padding, warm-up) map their tokens to slots 0..n-1, whose
+  rows may be steered: harmless, their outputs are discarded;
+- `prepare_dummy_inputs()` for capture: identity.
 
 Precedent in vLLM: `vllm/model_executor/models/longcat_flash_ngram.py` (LongcatNgramModelState).
 Imported lazily (only V2 calls get_model_state_cls), so the V1 path never imports V2 code.
-Not exercised on a GPU here (this project's machines are CPU-only); the slot/token logic is
-shared with V1 (rotserve.steering.table) and tested without a GPU.
+Not exercised on a GPU here (this project's machines are CPU-only): the slot/token logic is
+shared with V1 (rotserve.steering.table), and tests/test_v2_contract.py drives vLLM 0.32's
+own V2 runner code (InputBuffers, InputBatch, prepare_inputs, execute_model up to the
+full-graph replay) on CPU with stand-ins for the GPU-only parts.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.core.sched.output import NewRequestData
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -56,7 +66,9 @@ class RotServeModelState(DefaultModelState):
         self.rotation = rotation
         # A model without a catalog (a bare RotationState) gets the plain 5-column rows.
         catalog = getattr(model, "rotserve_catalog", None)
-        self.rows = RequestRows(self.max_num_reqs, device, catalog=catalog)
+        self.rows = RequestRows(
+            self.max_num_reqs, device, catalog=catalog, pin_memory=is_pin_memory_available()
+        )
         model.attach_runner("v2")
 
     def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
@@ -65,12 +77,13 @@ class RotServeModelState(DefaultModelState):
         try:
             steering = parse_request(params.extra_args if params is not None else None)
         except RequestSteeringError as e:
-            # The frontend validates with RotServeBatchTracker.validate_params; getting here
-            # means that processor was not registered. Fail loudly rather than run unsteered.
+            # The frontend validates with the catalog-bound tracker, which the plugin's config
+            # hook lists for every rotated model; getting here means that hook did not run.
+            # Fail loudly rather than run unsteered.
             raise RequestSteeringError(
-                f"request {new_req_data.req_id}: {e} (register "
-                f"rotserve.vllm_plugin:RotServeBatchTracker as a logits processor so bad "
-                f"requests are rejected at admission instead)"
+                f"request {new_req_data.req_id}: {e} (this request was not validated at "
+                f"admission: rotserve's vLLM plugin did not bind its tracker to this engine; "
+                f"is the `vllm.general_plugins` entry point of rotserve installed?)"
             ) from None
         self.rows.set(req_index, steering)
 
@@ -81,12 +94,13 @@ class RotServeModelState(DefaultModelState):
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         model_inputs = super().prepare_inputs(input_batch, req_states)
         num_reqs = input_batch.num_reqs
+        # query_start_loc and the padded count alone decide padding (module docstring: not
+        # is_padding). Requests past num_reqs (FULL-graph request padding) hold no tokens.
         self.rotation.fill(
             self.rows,
             input_batch.query_start_loc[: num_reqs + 1],
             input_batch.num_tokens_after_padding,
             slot_of_request=input_batch.idx_mapping[:num_reqs],
-            is_padding=input_batch.is_padding,
         )
         return model_inputs
 
