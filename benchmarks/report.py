@@ -23,6 +23,7 @@ SECTION_TITLES = {  # in the order the runner runs them
     "grid": "## 2. Grid throughput",
     "coherence": "## 6. Coherence and the start-up canary",
     "judge": "## 7. Judging a grid",
+    "capability": "## 8. Capability at every setting",
 }
 SECTION_METRICS = {
     "steer": ("steer_overhead_ratio",),
@@ -32,6 +33,7 @@ SECTION_METRICS = {
     "extract": ("extract_prompts_per_s",),
     "coherence": ("coherence_throughput_ratio", "canary_s"),
     "judge": ("judge_ratio",),
+    "capability": ("capability_ratio",),
 }
 DEFAULT_INTERPRETATION = (
     "_No interpretation written yet. Write it between the markers; `python jobs/bench.py` "
@@ -180,6 +182,21 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 _f(doc.get("judge_ratio"), ".3f"),
                 ">= 0.8",
                 met("judge_ratio"),
+            )
+        )
+    ca = d.get("capability")
+    if ca:
+        rows.append(
+            (
+                "`capability_ratio`",
+                f"{ca['task']} at {ca['settings']} settings: rotserve capability's mixed pass "
+                f"({_f(ca['rotserve']['median_seconds'], '.1f')} s) / lm-eval local-completions "
+                f"through rotserve serve, one model name at a time "
+                f"({_f(ca['lm_eval']['median_seconds'], '.1f')} s; batched 32 per call: "
+                f"{_f(ca['lm_eval_batched']['median_seconds'], '.1f')} s)",
+                _f(doc.get("capability_ratio"), ".1f"),
+                "-",
+                "-",
             )
         )
     return rows
@@ -595,6 +612,47 @@ def _section_lines(doc: dict[str, Any]) -> list[str]:
             "answers a token or two after a prefill of hundreds of tokens on a 8-13B model)."
             + _noise_line(ju),
         ]
+    ca = d.get("capability")
+    if ca:
+        out += ["", SECTION_TITLES["capability"], "", *_partial_lines(doc, "capability")]
+        out += _capability_lines(ca)
+    return out
+
+
+def _capability_lines(ca: dict[str, Any]) -> list[str]:
+    n, p = ca["settings"], ca["grid_prompts"]
+    out = [
+        f"lm-eval task `{ca['task']}` ({ca['requests']} log-likelihood requests) at {n} settings "
+        f"(the baseline and {n - 1} angles, plain mask) on `{ca['model']}`, rounds: "
+        f"{ca['rounds']}, every contender scoring every setting with lm-eval's metric code. **rotserve**: "
+        "what `rotserve capability` does once its engine is up: lm-eval builds the requests "
+        "once, one engine answers all (request, setting) pairs in mixed batches, lm-eval "
+        "scores each setting. **lm_eval**: lm-eval's `local-completions` against `rotserve "
+        "serve`, one evaluation per setting by model name (MODEL@θ), its defaults (one request "
+        "per HTTP call); **lm_eval_batched**: the same, 32 requests per call. **grid**: a grid "
+        f"shard of {p} prompts at the same {n} settings ({ca['grid_rows']} rows, 32 tokens, "
+        "coherence on) on rotserve's engine, for scale. Both engines (rotserve's and the "
+        f"server's, started together) were up after {ca['engines_up_s']} s, before any "
+        "timing; prefix caching off on both.",
+        "",
+        "| contender | median s per pass | per round (s) |",
+        "|---|---|---|",
+    ]
+    for name in ("rotserve", "lm_eval", "lm_eval_batched", "grid"):
+        r = ca[name]
+        per_round = ", ".join(f"{r['work_per_run'] / x:.1f}" for x in r["rates"])
+        out.append(f"| {name} | {r['median_seconds']:.1f} | {per_round} |")
+    out += [
+        "",
+        f"rotserve / lm_eval: {ca['ratio']:.1f}x (per round: "
+        f"{', '.join(f'{x:.1f}' for x in ca['paired_ratios'])}); rotserve / lm_eval_batched: "
+        f"{ca['ratio_vs_batched']:.1f}x. The capability pass takes {ca['vs_grid']:.2f} of the "
+        f"time of the {p}-prompt grid shard at the same settings. lm-eval's score equals "
+        "rotserve's at "
+        + ", ".join(f"{k}: {v}/{n}" for k, v in ca["same_scores"].items())
+        + " settings."
+        + _noise_line(ca),
+    ]
     return out
 
 

@@ -24,7 +24,16 @@ from typing import Any
 
 from benchmarks.machine import device_label, loadavg, machine, versions
 from benchmarks.models import ModelShape, model_dir, plane_file
-from benchmarks.sections import coherence, distinct, extract, grid, judge, rotation, steer
+from benchmarks.sections import (
+    capability,
+    coherence,
+    distinct,
+    extract,
+    grid,
+    judge,
+    rotation,
+    steer,
+)
 from benchmarks.sections.common import Context
 from benchmarks.settings import BenchSettings
 from benchmarks.timing import finite_positive
@@ -155,7 +164,7 @@ def run_bench(
     mach = machine()
     sections = set(settings.sections)
     _log(f"{device_label(mach)}; load average {ctx.load['start']}")
-    if sections - {"judge"}:  # the judge section runs the shipped toy judge
+    if sections - {"judge", "capability"}:  # the judge section runs the shipped toy judge
         for shape in {settings.model, settings.grid_model}:
             model_dir(shape, root)  # build once, before anything is timed
 
@@ -187,6 +196,8 @@ def run_bench(
     finally:
         for e in engines.values():
             e.close()
+    if "capability" in sections and settings.capability_angles:  # its own engine and server
+        capability.run(ctx)
     ctx.load["end"] = loadavg()
 
     d = ctx.details
@@ -202,6 +213,8 @@ def run_bench(
         "judge_ratio": d.get("judge", {}).get("ratio"),
         "device": device_label(mach),
     }
+    if "capability" in d:  # not a TOP_LEVEL key: the test suite's tiny run leaves it out
+        doc["capability_ratio"] = d["capability"]["ratio"]
     doc.update(
         {
             "rotation_vs_copy_any_form": d.get("rotation_op", {}).get("any_form_vs_copy"),

@@ -79,6 +79,13 @@ class BenchSettings:
     # table) vs one plain generate of the same prompts, one token each, on the same engine.
     judge_rows: int = 512
     judge_rounds: int = 5
+    # Capability: one lm-eval task (the shipped MC task, 24 documents) at baseline + N angles,
+    # rotserve's mixed pass vs lm-eval's local-completions through the server per setting, and
+    # a grid shard of P prompts at the same settings for scale.
+    capability_task: str = "toy_reply_mc"
+    capability_angles: int = 18  # 0: skip the section
+    capability_rounds: int = 2
+    capability_grid_prompts: int = 16
     sections: tuple[str, ...] = SECTIONS
 
     @classmethod
@@ -106,6 +113,8 @@ class BenchSettings:
             extract_dtypes=("float32",),
             judge_rows=256,
             judge_rounds=3,
+            capability_angles=8,
+            capability_grid_prompts=8,
         )
 
     @classmethod
@@ -144,6 +153,9 @@ class BenchSettings:
             extract_dtypes=("float32",),
             judge_rows=8,
             judge_rounds=1,
+            # No capability section (it starts a server too, a minute here): jobs/bench.py runs
+            # it; tests/test_capability.py runs its pieces end to end.
+            capability_angles=0,
         )
 
     def as_dict(self) -> dict[str, Any]:

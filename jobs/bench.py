@@ -1,10 +1,11 @@
 """Benchmarks: steering overhead, grid throughput, distinct angles, the rotation op, extraction,
-coherence and the start-up canary.
+coherence and the start-up canary, judging, capability (lm-eval) at every setting.
 
     python jobs/bench.py            # full run (~30 min on 2 CPU cores)
     python jobs/bench.py --quick    # smaller sizes (~12 min once vLLM's compile cache is warm)
     python jobs/bench.py --quick --only grid --markdown BENCHMARKS.md   # re-measure one section
     python jobs/bench.py --quick --only judge     # the judge row alone (~1 min)
+    python jobs/bench.py --quick --only capability   # rotserve capability vs lm-eval via the server
 
 Writes OUT/bench.json and OUT/bench.md (OUT defaults to bench/) and regenerates BENCHMARKS.md
 at the repository root, keeping its hand-written interpretation section. The benchmark code

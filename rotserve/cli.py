@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("rotserve.extract.cli", "find the refusal plane from activation statistics"),
     "grid": ("rotserve.pipeline", "generate an angle x prompt grid with vLLM on Ray, to Parquet"),
     "judge": ("rotserve.judge.cli", "judge every row of a grid run with a judge model on vLLM"),
+    "capability": (
+        "rotserve.capability.cli",
+        "lm-eval tasks at every steering setting of a run, in one mixed batch",
+    ),
     "report": ("rotserve.report.cli", "summarise a grid run: refusal per angle, polar plot"),
     "serve": ("rotserve.serve", "OpenAI-compatible vLLM server with per-request angles"),
     "selftest": ("rotserve.selftest", "prove steering is live and right on this stack (run first)"),
@@ -34,6 +38,7 @@ A typical session:
   rotserve extract --model Qwen/Qwen2.5-7B-Instruct --out qwen7b.safetensors
   rotserve grid --model Qwen/Qwen2.5-7B-Instruct --plane qwen7b.safetensors --angles 72
   rotserve judge runs/<run> --judge cais/HarmBench-Llama-2-13b-cls --rubric harmbench
+  rotserve capability runs/<run> --tasks tinyMMLU,tinyArc
   rotserve report runs/<run>
 
 With no options every command runs on the embedded toy refusal model (data/toy-refusal).

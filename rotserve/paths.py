@@ -76,3 +76,8 @@ def resolve_model(model: str, flag: str = "--model") -> tuple[str, bool]:
 def _is_hub_id(model: str) -> bool:
     """`name` or `org/name` as the HF hub spells them (anything else is meant as a path)."""
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) is not None and not model.startswith(".")
+
+
+def shipped_tasks_dir() -> Path:
+    """The lm-eval tasks rotserve ships for the toy (`rotserve capability --tasks toy_reply_mc`)."""
+    return data_dir() / "tasks"
