@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rotserve.report.capability import CapabilityReport, CleanMargins, capability_report
 from rotserve.report.plot import polar_plot
 from rotserve.report.summary import SummaryRow, markdown, short_text, summarize, write_csv
 from rotserve.report.verdicts import (
@@ -32,6 +33,8 @@ class Report:
     verdicts_csv: Path | None = None
     verdicts_markdown: Path | None = None
     warnings: list[str] = field(default_factory=list)  # verdict tables left out, and why
+    # capability circles (rotserve capability) and the refusal / clean ranges per setting
+    capability: CapabilityReport | None = None
 
     @property
     def verdict_plots(self) -> list[Path]:
@@ -42,11 +45,18 @@ class Report:
         parts = [head + short_text(self.summary)]
         parts += [verdict_text(v) for v in self.verdicts]
         parts += self.warnings
+        if self.capability is not None:
+            parts.append(self.capability.short_text())
         return "\n\n".join(parts)
 
 
-def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Report:
-    """Write the report of a run (partial runs too) into out_dir, default RUN_DIR/report."""
+def make_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    margins: CleanMargins | None = None,
+) -> Report:
+    """Write the report of a run (partial runs too) into out_dir, default RUN_DIR/report;
+    margins: what the clean steering range allows (defaults in rotserve.report.capability)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest is None:
@@ -61,7 +71,8 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
     title = f"run {manifest.get('run_id')}: {Path(model).name or model}"
     csv_path = write_csv(rows, out / "summary.csv")
     md_path = out / "summary.md"
-    md_path.write_text(markdown(rows, title=title))
+    capability = capability_report(run_dir, rows, out, title, margins)
+    md_path.write_text(markdown(rows, title=title) + "\n" + capability.markdown())
     plot_path = polar_plot(
         rows, out / "refusal_polar.png", title=f"refusal rate by angle — {title}"
     )
@@ -86,4 +97,5 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
         verdicts_csv=verdicts_csv,
         verdicts_markdown=verdicts_md,
         warnings=warnings,
+        capability=capability,
     )
