@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rubric",
         default=d.rubric,
         help=f"{', '.join(BUILTIN)}, or a rubric file: NAME.toml (template, labels, chat, "
-        "min_words, short_label, score_label) or a template text file with {instruction} and "
+        "min_words, short_label, score_label, axis, [[anchors]]) or a template text file with "
+        "{instruction} and "
         "{generation} plus --labels",
     )
     g.add_argument(
