@@ -27,6 +27,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,12 +308,15 @@ def import_audit(
         )
     sample = first["sample"].strip()
     record_path = audits_dir(run_dir) / f"{sample}.json"
-    if not sample or not record_path.is_file():
+    if not re.fullmatch(r"[0-9a-f]{16}", sample) or not record_path.is_file():
         raise AuditError(
             f"{path} line {line}: sample {sample!r} is not an audit sample of {run_dir} (no "
             f"{AUDITS_DIR}/{sample}.json): write the file with `rotserve judge audit {run_dir}`"
         )
-    record = json.loads(record_path.read_text())
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AuditError(f"{record_path}: not valid JSON ({e}); write the sample again") from None
     ar = AuditRubric(**{k: (tuple(v) if k == "labels" else v) for k, v in record["rubric"].items()})
     want = {it["item"]: it["row_key"] for it in record["items"]}
     labels_by_lower = {lb.lower(): lb for lb in ar.labels}
