@@ -113,8 +113,10 @@ def run_judge(
             store.write_manifest(manifest)
             raise JudgeCanaryError(
                 f"{line}. Nothing was judged: rubric {resolved.rubric.name!r} needs a judge that "
-                "gets its anchors (data/anchors/, or the rubric file's), or pass "
-                "--accept-judge-canary-failure to judge anyway (recorded in the manifest)"
+                "gets its anchors (data/anchors/, or the rubric file's), or judge anyway with "
+                f"`rotserve judge {resolved.run_dir} --judge {resolved.config.judge} --rubric "
+                f"{resolved.config.rubric} --accept-judge-canary-failure` (recorded in the "
+                "manifest)"
             ) from None
         manifest["canary"] = canary_after(manifest, previous)
         counts, unparsed = label_counts(store.parts_dir)
