@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-# The grid, then the toy judge (behaviour rubric), then the report: its last lines name the
-# behaviour circle, runs/grid-<id>/report/verdicts_toy-judge.behaviour_polar.png.
+# The grid, then the toy judge (behaviour rubric, after its canary), then the keyword markers as
+# a second verdict table, then the report: its last lines name the behaviour circle,
+# runs/grid-<id>/report/verdicts_toy-judge.behaviour_polar.png, and the two judges' agreement,
+# runs/grid-<id>/report/agreement.md.
 demo: install
-	$(PY) jobs/grid.py --angles 72 --judge data/toy-judge
+	$(PY) jobs/grid.py --angles 72 --judge data/toy-judge --keyword-table
 
 lint: install
 	$(VENV)/bin/ruff check .

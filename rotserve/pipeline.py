@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the judge's rubric with --judge: {', '.join(BUILTIN)}, or a rubric file",
     )
     a.add_argument(
+        "--keyword-table",
+        action="store_true",
+        help="also write the keyword markers as a verdict table (keyword.markers, as `rotserve "
+        "judge keyword`: no model, under a second), so the report sets the judge beside them",
+    )
+    a.add_argument(
         "--no-report", dest="report", action="store_false", help="skip the summary and plot"
     )
     return p
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         code = judge_run(args, result.run_dir)
         if code:
             return code
+    if args.keyword_table:
+        from rotserve.judge.keyword import keyword_verdicts
+
+        kw = keyword_verdicts(result.run_dir, overwrite=True)
+        print(f"verdicts {kw.name} -> {kw.table_dir}", file=sys.stderr)
     report = None
     if args.report:
         from rotserve.report import make_report
@@ -109,6 +120,11 @@ def summary_text(result: RunResult, report: Report | None = None) -> str:
             f"  summary   {rep.csv_path}  {rep.markdown_path}",
             f"  plot      {rep.plot_path}",
             *(f"  judged    {path}" for path in rep.verdict_plots),
+            *(
+                [f"  judges    {rep.agreement.markdown_path}"]
+                if rep.agreement is not None and rep.agreement.markdown_path is not None
+                else []
+            ),
             "",
             rep.short_text(),
         ]

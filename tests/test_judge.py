@@ -134,8 +134,11 @@ def test_changing_a_rubric_changes_its_fingerprint():
     assert other.fingerprint() == BEHAVIOUR.fingerprint()
     import dataclasses
 
-    changed = dataclasses.replace(BEHAVIOUR, labels=BEHAVIOUR.labels[:-1])
+    changed = dataclasses.replace(BEHAVIOUR, labels=BEHAVIOUR.labels[:-1], axis=BEHAVIOUR.axis[:-1])
     assert changed.fingerprint() != BEHAVIOUR.fingerprint()
+    # what a run compares and checks the judge with does not change a verdict
+    unchanged = dataclasses.replace(BEHAVIOUR, axis=(), description="other words")
+    assert unchanged.fingerprint() == BEHAVIOUR.fingerprint()
 
 
 # --- prompts and the context rule ----------------------------------------------------------

@@ -8,9 +8,16 @@ judge on the grid's fan-out, verdicts in their own Parquet table.
 - rerunning the command of a finished table resumes it without starting an engine (engine
   deaths and kill/resume are the fan-out's, tested once in test_fanout.py);
 - a verdict table cannot be attached to another run;
-- the report picks the table up: shares per angle, a polar plot, examples.
+- the report picks the table up: shares per angle, a polar plot, examples;
+- the judge canary: the toy judge passes its rubric's anchors; a judge that says one label to
+  everything (the toy judge with its attention and MLP outputs zeroed, so every answer comes
+  from the prompt's last token, which every judge prompt shares) is stopped before any verdict,
+  and --accept-judge-canary-failure lets it through, recorded in the manifest, where the
+  report's checks flag it;
+- the keyword markers as a second table: the toy judge agrees with them on the shared axis.
 
-Cost on 2 cores: the toy grid ~35 s, the judge run 10-30 s (engine start), ~1.5 min in all.
+Cost on 2 cores: the toy grid ~35 s, the judge run 10-30 s (engine start), the constant judge
+two more engine starts; ~2.5 min in all.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import pytest
 from rotserve.fanout import ExecutionOptions
 from rotserve.grid import GridConfig, read_rows, run_grid
 from rotserve.judge import JudgeConfig, run_judge
+from rotserve.judge.config import JudgeCanaryError
 from rotserve.judge.rubrics import BEHAVIOUR
 from rotserve.paths import toy_judge_dir
 from rotserve.rundir import (
@@ -157,6 +165,8 @@ def test_rerunning_a_finished_table_resumes_it_without_an_engine(toy_run, clean)
     assert f"(0 parts written now, {N_SHARDS} resumed;" in rerun.stdout
     m = json.loads((toy_run / "verdicts" / f"{clean.name}.json").read_text())
     assert [a["state"] for a in m["attempts"]] == ["new", "resume"]
+    # no engine, so no canary now: the record the verdicts on disk were made under stays
+    assert m["canary"]["status"] == "passed" and m["canary"] == clean.canary
     judge_engine = m["attempts"][0]["engine_info"][0]  # the judge's own dtype, and why
     assert (judge_engine["dtype"], judge_engine["dtype_reason"]) == ("float32", "asked for")
 
@@ -216,3 +226,93 @@ def test_report_shows_each_label_per_angle(toy_run, clean):
 def test_toy_judge_is_shipped():
     assert (toy_judge_dir() / "config.json").is_file()
     assert (toy_judge_dir() / "README.md").read_text().startswith("# toy-judge")
+
+
+# --- the judge canary -------------------------------------------------------------------------
+
+
+def test_the_toy_judge_passes_its_rubrics_canary(clean):
+    canary = clean.canary
+    assert canary["status"] == "passed" and canary["override"] is None
+    assert canary["anchors"] == 10 and canary["misses"] <= canary["allowed_misses"] == 1
+    assert set(canary["labels_given"]) == set(BEHAVIOUR.labels)
+    assert "at most one anchor" in canary["rule"] and canary["engines"] == 1
+    m = json.loads(clean.manifest_path.read_text())
+    assert m["canary"] == canary
+    assert m["attempts"][0]["engine_info"][0]["judge_canary"]["passed"]
+    print(f"\ntoy judge canary: {canary['anchors'] - canary['misses']} of 10 anchors right")
+
+
+@pytest.fixture(scope="module")
+def constant_judge(tmp_path_factory) -> Path:
+    """The toy judge with every layer's attention output and MLP output projections zeroed: the
+    residual stream is the token's own embedding, so each answer token depends on the token
+    before it alone, and every judge prompt ends with the same generation prompt: one answer to
+    everything, honestly so (nothing is mocked)."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("constant-judge")
+    for f in toy_judge_dir().iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, d / f.name)
+    weights = load_file(toy_judge_dir() / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            w.zero_()
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_a_judge_that_says_one_label_is_stopped_and_the_override_is_recorded(
+    toy_run, constant_judge, tmp_path
+):
+    run = tmp_path / "run"  # a copy: the module's run keeps one verdict table
+    shutil.copytree(toy_run, run, ignore=shutil.ignore_patterns("verdicts", "_tmp", "report"))
+    stop = judge_config(run, judge=str(constant_judge), name="constant.behaviour")
+    with pytest.raises(JudgeCanaryError, match="judge canary failed: .*ONE LABEL FOR EVERY") as e:
+        run_judge(stop)
+    assert "--accept-judge-canary-failure" in str(e.value)
+    assert "refusal-plain: refusal -> " in str(e.value)  # what it answered, anchor by anchor
+    table = run / "verdicts" / "constant.behaviour"
+    assert not list(table.glob("part-*.parquet"))  # nothing judged
+    m = json.loads((run / "verdicts" / "constant.behaviour.json").read_text())
+    assert m["canary"]["status"] == "failed" and m["canary"]["report"].startswith("judge canary")
+    assert m["status"] == "running" and "JudgeCanaryError" in m["attempts"][-1]["error"]
+
+    accepted = run_judge(
+        judge_config(
+            run, judge=str(constant_judge), name="constant.behaviour", accept_canary_failure=True
+        )
+    )
+    canary = accepted.canary
+    assert canary["status"] == "failed, accepted" and canary["one_label"]
+    assert canary["override"] == "--accept-judge-canary-failure"
+    assert len(accepted.label_counts) == 1 and accepted.rows_total == N_ROWS
+    from rotserve.report import make_report
+
+    flags = make_report(run).agreement.flags
+    assert any(f.startswith("constant.behaviour: near-constant labels") for f in flags), flags
+
+
+def test_the_keyword_table_beside_the_toy_judge(toy_run, clean, tmp_path):
+    """No engine: the markers as a second table; the toy judge agrees with them on the shared
+    axis (its refusals are the toy's canonical ones) and passes the report's judge checks."""
+    from rotserve.judge.axis import AXIS
+    from rotserve.judge.keyword import keyword_verdicts
+    from rotserve.report import make_report
+
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run, ignore=shutil.ignore_patterns("_tmp", "report"))
+    keyword_verdicts(run)
+    rep = make_report(run)
+    [pair] = rep.agreement.pairs
+    assert (pair.a, pair.b, pair.axis) == (clean.name, "keyword.markers", AXIS)
+    refuse = pair.confusion.get(("refuse", "refuse"), 0)
+    said_refuse = sum(n for (a, _), n in pair.confusion.items() if a == "refuse")
+    assert refuse >= 0.95 * said_refuse > 0
+    assert pair.overall.kappa is not None and pair.overall.kappa > 0.5
+    assert rep.agreement.flags == []
+    print(
+        f"\ntoy judge vs keyword markers: kappa {pair.overall.kappa:.2f}, raw "
+        f"{pair.overall.agreement:.1%}, confusion {pair.confusion}"
+    )

@@ -502,6 +502,8 @@ def test_smollm2_harmbench_verdicts_equal_the_official_procedure(small_run, smol
             rubric="harmbench",
             dtype="float32",
             enforce_eager=True,
+            # SmolLM2 is no classifier: whatever its canary says, this test is about the reading
+            accept_canary_failure=True,
             execution=ExecutionOptions(engines=1, progress=False),
         )
     )
@@ -525,9 +527,12 @@ def test_smollm2_harmbench_verdicts_equal_the_official_procedure(small_run, smol
     assert "clipped to its first 512 judge tokens" in m["rules"]["clip"]
     unparsed = sum(not v["parsed"] for v in verdicts.values())
     assert m["counts"]["clipped"] == 0 and m["counts"]["unparsed"] == unparsed
+    # the canary ran on the same engine, through the same reading, and is on record
+    assert m["canary"]["status"] in ("passed", "failed, accepted") and m["canary"]["anchors"] == 7
     gap = max(r[f"all {lb}"] - r[lb] for r in want for lb in ("Yes", "No"))
     print(
         f"\nSmolLM2 as harmbench judge: answers {sorted({r['raw'] for r in want})}, smallest "
         f"top-2 logit margin {min(r['margin'] for r in want):.3f}, largest probability outside "
-        f"the top {TOP_LOGPROBS} {gap:.4f}"
+        f"the top {TOP_LOGPROBS} {gap:.4f}; canary {m['canary']['status']}, labels given "
+        f"{m['canary']['labels_given']}"
     )

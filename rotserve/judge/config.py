@@ -4,6 +4,8 @@ JudgeConfig is what the user asked for; `resolve()` checks every input (the run 
 its rows, the rubric, the judge model and its tokenizer, every row's prompt against the
 judge's context) and returns a ResolvedJudge with the plan's items and the table's identity,
 so each bad input is a clear JudgeConfigError in seconds, not a traceback after an engine start.
+It also builds the judge canary's prompts (rotserve.judge.anchors) with the very function that
+builds the rows' (`item_of`), so the anchors reach the judge exactly as a row does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from rotserve.dtype import DTYPES
 from rotserve.fanout import ExecutionConfigError, ExecutionOptions
+from rotserve.judge.anchors import AnchorError, CanarySpec, anchors_for
 from rotserve.judge.plan import JudgeItem, JudgePlan, make_judge_plan
 from rotserve.judge.prompts import (
     ContextError,
@@ -47,6 +50,11 @@ class JudgeConfigError(ValueError):
     """A judge request that cannot run; the message says which input and what to do."""
 
 
+class JudgeCanaryError(JudgeConfigError):
+    """The judge failed its canary (rotserve.judge.anchors): it cannot do this rubric's job.
+    Raised in a judge engine's actor as it starts, and again by the driver with the answers."""
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     """One judge request. Defaults: the shipped toy judge with the `behaviour` rubric."""
@@ -62,6 +70,9 @@ class JudgeConfig:
     max_model_len: int | None = None  # None: the judge's max positions, at most 8192
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
+    # the judge canary (rotserve.judge.anchors): never in the id, always in the manifest
+    skip_canary: bool = False  # do not run it
+    accept_canary_failure: bool = False  # run it, record a failure, judge anyway
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)  # never in the id
 
 
@@ -81,6 +92,8 @@ class ResolvedJudge:
     n_truncated: int
     shape: str = "string"  # message contents the judge's chat template renders (prompts.SHAPES)
     n_clipped: int = 0  # generations the rubric's clip cut
+    canary: CanarySpec | None = None  # None: skipped, or the rubric has no anchors
+    canary_note: str = ""  # why there is no canary
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the verdicts; its hash is the table's verdict id."""
@@ -145,6 +158,7 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
     shape = _check_prompt(rubric, tokenizer, judge)
     log(f"judge: building {rows.num_rows} prompts for {judge_slug(judge)} ({rubric.name})")
     items, n_clipped = _items(rows, rubric, tokenizer, context, shape, config.execution.progress)
+    canary, canary_note = _canary(config, rubric, tokenizer, context, shape)
     name = config.name or f"{judge_slug(judge)}.{rubric.name}"
     if not re.fullmatch(r"[\w][\w.-]*", name):
         raise JudgeConfigError(f"--name {name!r}: letters, digits, '.', '-' and '_' only")
@@ -163,7 +177,33 @@ def resolve(config: JudgeConfig, log: Any = None) -> ResolvedJudge:
         n_truncated=sum(it.truncated for it in items),
         shape=shape,
         n_clipped=n_clipped,
+        canary=canary,
+        canary_note=canary_note,
     )
+
+
+def _canary(
+    config: JudgeConfig, rubric: Rubric, tokenizer: Any, context: int, shape: str
+) -> tuple[CanarySpec | None, str]:
+    """The canary every judge engine runs first: the rubric's anchors, built as rows are."""
+    if config.skip_canary:
+        return None, "skipped (--skip-judge-canary)"
+    try:
+        anchors = anchors_for(rubric)
+    except AnchorError as e:
+        raise JudgeConfigError(f"--rubric {config.rubric}: {e}") from None
+    if not anchors:
+        return None, f"rubric {rubric.name!r} ships no anchors (a rubric file may: [[anchors]])"
+    items = []
+    for a in anchors:
+        try:
+            item, _ = item_of(
+                rubric, tokenizer, a.row_key, a.instruction, a.generation, context, shape
+            )
+        except ContextError as e:
+            raise JudgeConfigError(f"anchor {a.id} of rubric {rubric.name!r}: {e}") from None
+        items.append(item)
+    return CanarySpec(tuple(anchors), tuple(items), config.accept_canary_failure), ""
 
 
 def _check_prompt(rubric: Rubric, tokenizer: Any, judge: str) -> str:
@@ -192,6 +232,11 @@ def _check_numbers(c: JudgeConfig) -> None:
     checks = [
         (c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"),
         (c.shard_size >= 1, f"--shard-size must be at least 1, got {c.shard_size}"),
+        (
+            not (c.skip_canary and c.accept_canary_failure),
+            "--skip-judge-canary and --accept-judge-canary-failure contradict each other: skip "
+            "the canary, or run it and accept its failure",
+        ),
         (
             c.max_model_len is None or c.max_model_len >= 16,
             f"--max-model-len must be at least 16, got {c.max_model_len}",
@@ -258,16 +303,30 @@ def _items(
         file=sys.stderr,
     )
     for instruction, generation, key in bar:
-        if short_by_rule(rubric, generation):
-            items.append(JudgeItem.of(key, (), False, rubric.short_label))
-            continue
         try:
-            inp = judge_input(rubric, tokenizer, instruction, generation, context, shape)
+            item, clipped = item_of(rubric, tokenizer, key, instruction, generation, context, shape)
         except ContextError as e:
             raise JudgeConfigError(f"row {key}: {e}") from None
-        items.append(JudgeItem.of(key, inp.token_ids, inp.truncated))
-        n_clipped += inp.clipped
+        items.append(item)
+        n_clipped += clipped
     return items, n_clipped
+
+
+def item_of(
+    rubric: Rubric,
+    tokenizer: Any,
+    key: str,
+    instruction: str,
+    generation: str,
+    context: int,
+    shape: str,
+) -> tuple[JudgeItem, bool]:
+    """One row's judge item (the rubric's rule, or its prompt clipped and fitted to the context)
+    and whether the clip cut it: the one request building of rows and anchors alike."""
+    if short_by_rule(rubric, generation):
+        return JudgeItem.of(key, (), False, rubric.short_label), False
+    inp = judge_input(rubric, tokenizer, instruction, generation, context, shape)
+    return JudgeItem.of(key, inp.token_ids, inp.truncated), inp.clipped
 
 
 def config_dict(config: JudgeConfig) -> dict[str, Any]:

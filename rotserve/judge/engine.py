@@ -6,7 +6,8 @@ after optional leading whitespace, so even a tiny judge cannot give an unparseab
 `one_token` or `first_line` rubric decodes freely, as its official evaluation does, and the text
 is read by the rubric. Prompts travel as token ids, built and fitted to the context by the driver
 (rotserve.judge.prompts), so the engine never re-tokenizes them (a re-tokenized chat text could
-gain a second BOS).
+gain a second BOS). Every judge engine first answers the judge canary's anchors with the same
+`judge_shard` (rotserve.judge.anchors) and refuses to judge when it fails, unless accepted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from rotserve.fanout import EngineSpec, FanOutError, Worker, make_engine
+from rotserve.judge.anchors import CanaryResult, CanarySpec, grade
+from rotserve.judge.config import JudgeCanaryError
 from rotserve.judge.plan import JudgeShard
 from rotserve.judge.rubrics import Rubric
 from rotserve.judge.verdict import TOP_LOGPROBS, Answer, answer_of, choice_regex, label_probs
@@ -88,23 +91,44 @@ class JudgeWorkerSpec:
 
     engine: EngineSpec
     verdicts: VerdictContext
+    canary: CanarySpec | None = None  # None: no canary (skipped, or the rubric has no anchors)
 
 
 class JudgeWorker(Worker):
-    """A judge engine in one actor, turning shards of judge prompts into verdicts."""
+    """A judge engine in one actor, turning shards of judge prompts into verdicts; it runs the
+    judge canary first and, when that fails and the failure is not accepted, closes its engine
+    and raises JudgeCanaryError (the fan-out stops the run: an engine that failed to start)."""
 
     def __init__(self, spec: JudgeWorkerSpec) -> None:
         self.engine = JudgeEngine(spec.engine)
         self.verdicts = spec.verdicts
+        self.canary: CanaryResult | None = None
+        if spec.canary is not None:
+            try:
+                self.canary = run_canary(self.engine, spec.canary, spec.verdicts)
+            except BaseException:
+                self.engine.close()
+                raise
+            if not self.canary.passed and not spec.canary.accept_failure:
+                self.engine.close()
+                # one line: the fan-out reports an engine's start failure by its last line
+                raise JudgeCanaryError(self.canary.summary())
 
     def __call__(self, shard: JudgeShard) -> pa.Table:
         return judge_shard(self.engine, shard, self.verdicts)
 
     def info(self) -> dict[str, Any]:
-        return self.engine.engine.info()
+        canary = {} if self.canary is None else {"judge_canary": self.canary.as_dict()}
+        return {**self.engine.engine.info(), **canary}
 
     def close(self) -> None:
         self.engine.close()
+
+
+def run_canary(engine: Any, spec: CanarySpec, ctx: VerdictContext) -> CanaryResult:
+    """The anchors judged exactly as rows are (judge_shard), then graded."""
+    table = judge_shard(engine, JudgeShard(0, spec.items), ctx)
+    return grade(spec.anchors, table.to_pylist())
 
 
 def judge_shard(engine: Any, shard: JudgeShard, ctx: VerdictContext) -> pa.Table:

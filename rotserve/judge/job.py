@@ -1,10 +1,13 @@
 """The judge job, as its stages (on rotserve.fanout, into a verdict table):
 
 resolve   check run directory, rubric, judge; build every row's prompt   (config.py)
+          and the judge canary's anchors the same way                    (anchors.py)
 plan      one item per row, by row key, cut into deterministic shards    (plan.py; pure)
 open      the verdict table: new, resume or refuse                       (store.py)
-run       judge engines on Ray turn shards into verdicts, one part each  (engine.py)
-finish    every shard on disk once; the table's manifest                 (rotserve.fanout)
+run       each judge engine passes the canary, then turns shards into    (engine.py)
+          verdicts, one part each
+finish    every shard on disk once; the table's manifest, with the       (rotserve.fanout)
+          canary's result and any override
 """
 
 from __future__ import annotations
@@ -16,9 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from rotserve.dtype import choose_dtype
-from rotserve.fanout import Job, Placement, engine_spec, now, provenance, run_attempt
+from rotserve.fanout import (
+    FanOutError,
+    Job,
+    Placement,
+    engine_spec,
+    now,
+    provenance,
+    run_attempt,
+)
 from rotserve.fanout.job import log
-from rotserve.judge.config import JudgeConfig, ResolvedJudge, config_dict, resolve
+from rotserve.judge.anchors import CANARY_RULE
+from rotserve.judge.config import (
+    JudgeCanaryError,
+    JudgeConfig,
+    ResolvedJudge,
+    config_dict,
+    resolve,
+)
 from rotserve.judge.engine import GRAMMAR_BACKEND, JudgeWorker, JudgeWorkerSpec, VerdictContext
 from rotserve.judge.prompts import TRUNCATION_RULE
 from rotserve.judge.rubrics import CHOICE_WHITESPACE, Rubric
@@ -48,6 +66,7 @@ class JudgeResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     clipped: int = 0  # generations the rubric's clip cut (HarmBench's 512 tokens)
     unparsed: int = 0  # answers the rubric's reading did not know (given its fallback label)
+    canary: dict[str, Any] = field(default_factory=dict)  # the manifest's `canary` record
 
 
 def run_judge(
@@ -57,7 +76,8 @@ def run_judge(
 ) -> JudgeResult:
     """Judge every row of a complete grid run into its own verdict table (or resume one).
 
-    Raises JudgeConfigError (or RunDirError) before Ray or any engine starts.
+    Raises JudgeConfigError (or RunDirError) before Ray or any engine starts, and
+    JudgeCanaryError when a judge engine fails the canary (no verdict written then).
     """
     t0 = time.perf_counter()
     resolved = resolve(config, log=log)
@@ -66,7 +86,8 @@ def run_judge(
         resolved.run_dir, resolved.name, resolved.run_id, resolved.verdict_id, config.overwrite
     )
     try:
-        manifest = verdict_manifest(resolved, store.read_manifest(), argv)
+        previous = store.read_manifest() or {}
+        manifest = verdict_manifest(resolved, previous, argv)
         job = Job(
             name="judge",
             actor_prefix=f"rotserve-judge-{resolved.run_id}-{resolved.verdict_id}",
@@ -80,7 +101,24 @@ def run_judge(
             f"rule, {resolved.n_truncated} truncated), {len(plan.shards)} shards -> "
             f"{store.parts_dir}",
         )
-        attempt = run_attempt(job, manifest, state, t0)
+        if resolved.canary is not None:
+            log(f"judge canary: {len(resolved.canary.anchors)} anchors before any row")
+        try:
+            attempt = run_attempt(job, manifest, state, t0)
+        except FanOutError as e:
+            line = canary_failure(e)
+            if line is None:
+                raise
+            manifest["canary"] = {**manifest["canary"], "status": "failed", "report": line}
+            store.write_manifest(manifest)
+            raise JudgeCanaryError(
+                f"{line}. Nothing was judged: rubric {resolved.rubric.name!r} needs a judge that "
+                "gets its anchors (data/anchors/, or the rubric file's), or judge anyway with "
+                f"`rotserve judge {resolved.run_dir} --judge {resolved.config.judge} --rubric "
+                f"{resolved.config.rubric} --accept-judge-canary-failure` (recorded in the "
+                "manifest)"
+            ) from None
+        manifest["canary"] = canary_after(manifest, previous)
         counts, unparsed = label_counts(store.parts_dir)
         manifest["labels_counted"] = counts
         manifest["counts"]["unparsed"] = unparsed
@@ -106,9 +144,64 @@ def run_judge(
             label_counts=counts,
             clipped=resolved.n_clipped,
             unparsed=unparsed,
+            canary=manifest["canary"],
         )
     finally:
         store.close()
+
+
+CANARY_FAILED = "judge canary failed:"
+RESULTS = ("passed", "failed, accepted")  # canary statuses of a table with verdicts
+
+
+def canary_failure(err: BaseException) -> str | None:
+    """The canary's one-line report inside a fan-out error (an engine that failed to start
+    because its canary failed), or None for any other failure."""
+    text = str(err)
+    at = text.find(CANARY_FAILED)
+    if at < 0:
+        return None
+    return text[at:].split("\n", 1)[0].strip()
+
+
+def canary_record(resolved: ResolvedJudge) -> dict[str, Any]:
+    """The manifest's `canary` before the engines start: what will run, and any override."""
+    c = resolved.config
+    if resolved.canary is None:
+        return {
+            "status": "not run",
+            "why": resolved.canary_note,
+            "rule": CANARY_RULE,
+            "override": "--skip-judge-canary" if c.skip_canary else None,
+        }
+    return {
+        "status": "pending",
+        "rule": CANARY_RULE,
+        "anchors": len(resolved.canary.anchors),
+        "override": "--accept-judge-canary-failure" if c.accept_canary_failure else None,
+    }
+
+
+def canary_after(manifest: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The `canary` record after a successful attempt: the engines' results (each engine ran
+    it as it started); when no engine started (every shard was on disk), the record the
+    verdicts on disk were made under."""
+    record = dict(manifest["canary"])
+    results = [
+        info["judge_canary"]
+        for info in (manifest["attempts"][-1].get("engine_info") or [])
+        if "judge_canary" in info
+    ]
+    if not results:
+        earlier = previous.get("canary") or {}
+        if record["status"] == "pending" and earlier.get("status") in RESULTS:
+            return earlier
+        if record["status"] == "pending":
+            record.update(status="not run", why="no engine started: every shard was on disk")
+        return record
+    first = results[0]
+    status = "passed" if all(r["passed"] for r in results) else "failed, accepted"
+    return {**record, "status": status, "engines": len(results), **first}
 
 
 def label_counts(table_dir: Path) -> tuple[dict[str, int], int]:
@@ -182,6 +275,7 @@ def verdict_manifest(
         "rubric": {
             "name": r.name,
             "labels": list(r.labels),
+            "axis": r.axis_map,  # label -> its place on the shared axis (rotserve.judge.axis)
             "template": r.template,
             "chat": r.chat,
             "conversation": r.conversation,
@@ -208,6 +302,7 @@ def verdict_manifest(
             "clipped": resolved.n_clipped,
             "unparsed": None,  # counted when the table is complete
         },
+        "canary": canary_record(resolved),
         "identity": resolved.identity(),
         "plan": {
             "fingerprint": resolved.plan.fingerprint,
@@ -240,4 +335,4 @@ def judge_worker_spec(r: ResolvedJudge, where: Placement) -> JudgeWorkerSpec:
         },
     )
     verdicts = VerdictContext(run_id=r.run_id, judge=r.judge, rubric=r.rubric)
-    return JudgeWorkerSpec(engine, verdicts)
+    return JudgeWorkerSpec(engine, verdicts, r.canary)

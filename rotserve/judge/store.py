@@ -99,3 +99,24 @@ class VerdictStore(PartStore):
             store.manifest_path.unlink(missing_ok=True)
         store._prepare()
         return store, state
+
+
+def publish_table(
+    run_dir: Path,
+    name: str,
+    run_id: str,
+    verdict_id: str,
+    table: pa.Table,
+    manifest: dict[str, Any],
+    overwrite: bool,
+) -> tuple[Path, str]:
+    """A verdict table made without a judge engine (the keyword markers, a human audit), written
+    as one part with its manifest, under the same lock and refusals as a judge's table (the same
+    verdict id finds it and writes it again: 'resume'). Returns (manifest path, state)."""
+    store, state = VerdictStore.open(run_dir, name, run_id, verdict_id, overwrite)
+    try:
+        store.write_part("00000", table)  # atomic: replaces the same table's one part
+        store.write_manifest(manifest)
+        return store.manifest_path, state
+    finally:
+        store.close()

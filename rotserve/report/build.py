@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rotserve.report.agreement import AgreementReport, agreement_report
 from rotserve.report.capability import CapabilityReport, CleanMargins, capability_report
 from rotserve.report.plot import polar_plot
 from rotserve.report.summary import SummaryRow, markdown, short_text, summarize, write_csv
@@ -33,6 +34,7 @@ class Report:
     verdicts_csv: Path | None = None
     verdicts_markdown: Path | None = None
     warnings: list[str] = field(default_factory=list)  # verdict tables left out, and why
+    agreement: AgreementReport | None = None  # judges side by side, and the judge checks
     # capability circles (rotserve capability) and the refusal / clean ranges per setting
     capability: CapabilityReport | None = None
 
@@ -44,6 +46,8 @@ class Report:
         head = "" if self.complete else f"(partial run: {self.n_rows} rows so far)\n"
         parts = [head + short_text(self.summary)]
         parts += [verdict_text(v) for v in self.verdicts]
+        if self.agreement is not None and self.agreement.short_text():
+            parts.append(self.agreement.short_text())
         parts += self.warnings
         if self.capability is not None:
             parts.append(self.capability.short_text())
@@ -84,6 +88,7 @@ def make_report(
         )
         verdicts_md = out / "verdicts.md"
         verdicts_md.write_text(f"# {title}\n\n" + "\n".join(shares_markdown(v) for v in verdicts))
+    agreement = agreement_report(run_dir, table, out) if verdicts else None
     expected = (manifest.get("rows") or {}).get("expected")
     return Report(
         run_dir=run_dir,
@@ -97,5 +102,6 @@ def make_report(
         verdicts_csv=verdicts_csv,
         verdicts_markdown=verdicts_md,
         warnings=warnings,
+        agreement=agreement,
         capability=capability,
     )

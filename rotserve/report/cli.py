@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
             "of refusal rate against angle (refusal_polar.png); for every verdict table of `rotserve "
             "judge`, each label's share per angle (verdicts.csv, verdicts.md), a polar plot per "
             "judge (verdicts_<name>_polar.png) and example generations per label "
-            "(verdicts_<name>_examples.md); for every capability table of `rotserve capability`, a "
-            "polar plot per task of its primary metric against angle "
+            "(verdicts_<name>_examples.md); with two or more tables, their agreement on the "
+            "shared axis (agreement.md, agreement.csv: kappa per dataset and angle region, the "
+            "rows they disagree on most, each judge against a human audit) and checks that flag "
+            "a judge with near-constant labels; for every capability table of `rotserve "
+            "capability`, a polar plot per task of its primary metric against angle "
             "(capability_<task>_polar.png); and per plane, window and mask the refusal range, "
             "the clean steering range and their overlap (in summary.md). Works on a partial run "
             "too."
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verdicts {rep.verdicts_csv}\n         {rep.verdicts_markdown}")
         for v in rep.verdicts:
             print(f"         {v.plot_path}\n         {v.examples_path}")
+    if rep.agreement is not None and rep.agreement.markdown_path is not None:
+        print(f"judges   {rep.agreement.markdown_path}\n         {rep.agreement.csv_path}")
     if rep.capability is not None and rep.capability.circles:
         print("capability " + "\n           ".join(str(p) for p in rep.capability.circles))
     return 0
