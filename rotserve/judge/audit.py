@@ -33,13 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from rotserve.fanout import now, provenance
 from rotserve.judge.keyword import NAME as KEYWORD_TABLE
 from rotserve.judge.keyword import complete_rows
 from rotserve.judge.rubrics import BEHAVIOUR, BUILTIN, RubricError, load_rubric
-from rotserve.judge.store import publish_table
+from rotserve.judge.store import engine_free_table, publish_table
 from rotserve.rundir import (
     TMP_DIR,
     VERDICT_FORMAT,
@@ -400,23 +398,9 @@ def _write_human_table(
     keys = [it["row_key"] for it in record["items"]]
     labels = [got[k][0] for k in keys]
     n = len(keys)
-    table = pa.table(
-        {
-            "run_id": [run_id] * n,
-            "row_key": keys,
-            "judge": [HUMAN] * n,
-            "rubric": [ar.name] * n,
-            "label": labels,
-            "raw": [got[k][1] for k in keys],  # as typed
-            "by_rule": [False] * n,
-            "truncated": [False] * n,
-            "judge_prompt_tokens": [0] * n,
-            "parsed": [True] * n,
-            "score": [None] * n,
-            "probs": [None] * n,
-        },
-        schema=VERDICT_SCHEMA,
-    )
+    table = engine_free_table(
+        run_id, keys, HUMAN, ar.name, labels, [got[k][1] for k in keys], parsed=True
+    )  # raw: the label as typed
     identity = {
         "format": VERDICT_FORMAT,
         "run_id": run_id,

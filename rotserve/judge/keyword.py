@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from rotserve.fanout import now, provenance
 from rotserve.judge.axis import KEYWORD_AXIS, KEYWORD_LABELS
-from rotserve.judge.store import publish_table
+from rotserve.judge.store import engine_free_table, publish_table
 from rotserve.rundir import (
     VERDICT_FORMAT,
     VERDICT_SCHEMA,
@@ -77,22 +77,9 @@ def keyword_verdicts(
     refused = rows.column("refusal").to_pylist()
     labels = [KEYWORD_LABELS[0] if r else KEYWORD_LABELS[1] for r in refused]
     n = rows.num_rows
-    table = pa.table(
-        {
-            "run_id": [run_id] * n,
-            "row_key": rows.column("row_key").to_pylist(),
-            "judge": [JUDGE] * n,
-            "rubric": [RUBRIC] * n,
-            "label": labels,
-            "raw": rows.column("refusal_marker").to_pylist(),  # the marker found, or null
-            "by_rule": [False] * n,
-            "truncated": [False] * n,
-            "judge_prompt_tokens": [0] * n,
-            "parsed": [None] * n,
-            "score": [None] * n,
-            "probs": [None] * n,
-        },
-        schema=VERDICT_SCHEMA,
+    raw = rows.column("refusal_marker").to_pylist()  # the marker found, or null
+    table = engine_free_table(
+        run_id, rows.column("row_key").to_pylist(), JUDGE, RUBRIC, labels, raw, parsed=None
     )
     identity = {
         "format": VERDICT_FORMAT,

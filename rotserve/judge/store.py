@@ -101,6 +101,37 @@ class VerdictStore(PartStore):
         return store, state
 
 
+def engine_free_table(
+    run_id: str,
+    keys: list[str],
+    judge: str,
+    rubric: str,
+    labels: list[str],
+    raw: list[str | None],
+    parsed: bool | None,
+) -> pa.Table:
+    """A verdict table no judge model wrote (keyword markers, a human audit): labels and the
+    raw text they came from, no prompt, no truncation, no probabilities."""
+    n = len(keys)
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "row_key": keys,
+            "judge": [judge] * n,
+            "rubric": [rubric] * n,
+            "label": labels,
+            "raw": raw,
+            "by_rule": [False] * n,
+            "truncated": [False] * n,
+            "judge_prompt_tokens": [0] * n,
+            "parsed": [parsed] * n,
+            "score": [None] * n,
+            "probs": [None] * n,
+        },
+        schema=VERDICT_SCHEMA,
+    )
+
+
 def publish_table(
     run_dir: Path,
     name: str,
