@@ -334,7 +334,9 @@ def _assert_step_table(table: torch.Tensor) -> None:
     assert torch.equal(table, STEP_TABLE), f"table at replay (cos, sin, active):\n{table[:, :3]}"
 
 
-def test_v2_runner_fills_the_table_before_full_graph_replay(cpu_vllm_config, monkeypatch):
+def test_v2_runner_fills_the_table_before_full_graph_replay_with_stand_ins_for_the_gpu(
+    cpu_vllm_config, monkeypatch
+):
     """vLLM's execute_model calls the model state's prepare_inputs before run_fullgraph, so
     the replay (which reads only persistent buffers) sees this step's rows. Seam:
     GPUModelRunner.execute_model."""
@@ -345,7 +347,7 @@ def test_v2_runner_fills_the_table_before_full_graph_replay(cpu_vllm_config, mon
 
 
 @pytest.mark.parametrize("skip_padding", ["0", "1"])
-def test_v2_steers_real_tokens_though_capture_left_every_token_marked_padding(
+def test_v2_steers_real_tokens_though_capture_left_every_token_marked_padding_gpu_stand_ins(
     cpu_vllm_config, monkeypatch, skip_padding
 ):
     """CUDA-graph capture fills is_padding with True; the runner's prepare_inputs rewrites it
